@@ -1,0 +1,1 @@
+"""Data: benchmark downloads, raw importers, the sequence cache and the Lightning DataModule."""

@@ -1,0 +1,201 @@
+"""The prepared-dataset cache: one folder per dataset, written atomically, read memory-mapped.
+
+Every dataset, benchmark or user-imported, ends up in the same format::
+
+    <cache_dir>/
+      meta.json           name, counts, source and its checksum, format version
+      sequences.parquet   user (int32, 0..U-1), items (list[int32]): the full chronological
+                          sequence; its last item is the test target, the one before the
+                          validation target, the rest is training history
+      user_ids.parquet    user (int32), original_id (str)
+      item_ids.parquet    item (int32, 1..N), original_id (str)
+      items.npy           all sequences concatenated (int32), memory-mappable
+      offsets.npy         (U + 1,) int64 start of each user's sequence in items.npy
+
+The parquet files are the portable record; the two .npy files are the compact store that the
+DataModule memory-maps, so no padded matrix of prefixes is ever materialised.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from diffurec_lightning.errors import DataError
+
+CACHE_FORMAT_VERSION = 1
+MIN_SEQUENCE_LENGTH = 3  # one training item, the validation item and the test item
+_FILES = ("meta.json", "sequences.parquet", "user_ids.parquet", "item_ids.parquet")
+
+
+@dataclass(frozen=True)
+class SequenceStore:
+    """Full user sequences as a flat item array plus offsets (user u owns items[offsets[u]:offsets[u+1]])."""
+
+    items: np.ndarray
+    offsets: np.ndarray
+    num_items: int
+
+    @property
+    def num_users(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @property
+    def num_train_prefixes(self) -> int:
+        """Training samples: a training history of m items gives m - 1 (prefix, next item) pairs."""
+        return int(np.maximum(self.lengths - 3, 0).sum())
+
+    def sequence(self, user: int) -> np.ndarray:
+        return self.items[self.offsets[user] : self.offsets[user + 1]]
+
+
+def validate_sequences(sequences: pl.DataFrame, num_items: int, source: str) -> None:
+    """Check the invariants every cached dataset keeps; raise a one-line DataError otherwise."""
+    missing = {"user", "items"} - set(sequences.columns)
+    if missing:
+        raise DataError(f"{source}: missing column(s) {sorted(missing)}; expected 'user' and 'items'")
+    num_users = sequences.height
+    if num_users == 0:
+        raise DataError(f"{source}: no users left; check the input file and the filtering settings")
+    users = sequences["user"].to_numpy()
+    if not np.array_equal(users, np.arange(num_users)):
+        raise DataError(f"{source}: user indices must be 0..{num_users - 1} in order")
+    lengths = sequences["items"].list.len().to_numpy()
+    short = np.flatnonzero(lengths < MIN_SEQUENCE_LENGTH)
+    if len(short):
+        raise DataError(
+            f"{source}: user {int(short[0])} has {int(lengths[short[0]])} interaction(s); every user "
+            f"needs at least {MIN_SEQUENCE_LENGTH} (training, validation and test item)"
+        )
+    flat = sequences["items"].explode().to_numpy()
+    bad = np.flatnonzero((flat < 1) | (flat > num_items))
+    if len(bad):
+        raise DataError(
+            f"{source}: item id {int(flat[bad[0]])} is out of range 1..{num_items} "
+            "(0 is reserved for padding)"
+        )
+
+
+def write_cache(
+    cache_dir: Path,
+    sequences: pl.DataFrame,
+    user_ids: list[str] | pl.Series,
+    item_ids: list[str] | pl.Series,
+    meta: dict[str, Any],
+) -> Path:
+    """Validate and write a dataset cache atomically: built in a temp folder, then renamed."""
+    cache_dir = Path(cache_dir)
+    num_items = len(item_ids)
+    sequences = sequences.select(
+        pl.col("user").cast(pl.Int32), pl.col("items").cast(pl.List(pl.Int32))
+    )
+    validate_sequences(sequences, num_items, str(cache_dir))
+    if len(user_ids) != sequences.height:
+        raise DataError(f"{cache_dir}: {len(user_ids)} user ids for {sequences.height} users")
+
+    flat = sequences["items"].explode().to_numpy().astype(np.int32)
+    offsets = np.zeros(sequences.height + 1, dtype=np.int64)
+    np.cumsum(sequences["items"].list.len().to_numpy(), out=offsets[1:])
+    meta = {
+        **meta,
+        "format_version": CACHE_FORMAT_VERSION,
+        "num_users": sequences.height,
+        "num_items": num_items,
+        "num_interactions": int(offsets[-1]),
+        "num_train_prefixes": int(np.maximum(np.diff(offsets) - 3, 0).sum()),
+    }
+
+    cache_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.tmp-", dir=cache_dir.parent))
+    try:
+        sequences.write_parquet(tmp / "sequences.parquet")
+        pl.DataFrame(
+            {"user": np.arange(sequences.height, dtype=np.int32), "original_id": user_ids},
+            schema={"user": pl.Int32, "original_id": pl.String},
+        ).write_parquet(tmp / "user_ids.parquet")
+        pl.DataFrame(
+            {"item": np.arange(1, num_items + 1, dtype=np.int32), "original_id": item_ids},
+            schema={"item": pl.Int32, "original_id": pl.String},
+        ).write_parquet(tmp / "item_ids.parquet")
+        np.save(tmp / "items.npy", flat)
+        np.save(tmp / "offsets.npy", offsets)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+        if cache_dir.exists():
+            shutil.rmtree(cache_dir)
+        os.replace(tmp, cache_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return cache_dir
+
+
+def is_cached(cache_dir: Path) -> bool:
+    cache_dir = Path(cache_dir)
+    if not all((cache_dir / name).is_file() for name in _FILES):
+        return False
+    try:
+        meta = json.loads((cache_dir / "meta.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return meta.get("format_version") == CACHE_FORMAT_VERSION
+
+
+def read_meta(cache_dir: Path) -> dict[str, Any]:
+    return json.loads((Path(cache_dir) / "meta.json").read_text())
+
+
+def load_store(cache_dir: Path) -> SequenceStore:
+    """Memory-map the compact store of a prepared dataset."""
+    cache_dir = Path(cache_dir)
+    if not is_cached(cache_dir):
+        raise DataError(
+            f"{cache_dir}: no prepared dataset here; run `make data DATA=<name>` "
+            "or `python -m diffurec_lightning.data.prepare <name>` first"
+        )
+    meta = read_meta(cache_dir)
+    items_path, offsets_path = cache_dir / "items.npy", cache_dir / "offsets.npy"
+    if not (items_path.is_file() and offsets_path.is_file()):
+        _rebuild_arrays(cache_dir)
+    items = np.load(items_path, mmap_mode="r")
+    offsets = np.load(offsets_path)
+    return SequenceStore(items=items, offsets=offsets, num_items=int(meta["num_items"]))
+
+
+def _rebuild_arrays(cache_dir: Path) -> None:
+    """Regenerate the .npy store from the parquet record (e.g. after copying only parquet files)."""
+    sequences = pl.read_parquet(cache_dir / "sequences.parquet")
+    offsets = np.zeros(sequences.height + 1, dtype=np.int64)
+    np.cumsum(sequences["items"].list.len().to_numpy(), out=offsets[1:])
+    for name, array in (
+        ("items.npy", sequences["items"].explode().to_numpy().astype(np.int32)),
+        ("offsets.npy", offsets),
+    ):
+        fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".npy")
+        with os.fdopen(fd, "wb") as handle:
+            np.save(handle, array)
+        os.replace(tmp, cache_dir / name)
+
+
+def load_sequences(cache_dir: Path) -> pl.DataFrame:
+    """The full sequences as a polars frame (user, items)."""
+    return pl.read_parquet(Path(cache_dir) / "sequences.parquet")
+
+
+def load_id_maps(cache_dir: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(user_ids, item_ids) frames mapping dense indices back to the original ids."""
+    cache_dir = Path(cache_dir)
+    return pl.read_parquet(cache_dir / "user_ids.parquet"), pl.read_parquet(
+        cache_dir / "item_ids.parquet"
+    )

@@ -1,0 +1,1 @@
+"""Diffusion math (plain torch, no networks)."""

@@ -1,0 +1,1 @@
+"""Networks and the Lightning modules that train them."""
