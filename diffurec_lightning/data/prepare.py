@@ -32,6 +32,15 @@ def prepare_dataset(data_cfg: Mapping[str, Any], data_dir: str | Path, force: bo
     name = data_cfg.get("name")
     if name in BENCHMARKS:
         return prepare_benchmark(name, data_dir, data_cfg.get("mirror"), force=force)
+    if name == "synthetic":
+        from diffurec_lightning.data.synthetic import prepare_synthetic
+
+        return prepare_synthetic(
+            data_dir,
+            num_users=int(data_cfg.get("num_users", 400)),
+            num_items=int(data_cfg.get("num_items", 60)),
+            seed=int(data_cfg.get("synthetic_seed", 0)),
+        )
     if name != "custom":
         raise DataError(
             f"unknown dataset '{name}'; choose one of: {', '.join(BENCHMARKS)}, custom "
