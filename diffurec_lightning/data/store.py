@@ -134,7 +134,13 @@ def write_cache(
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
         if cache_dir.exists():
             shutil.rmtree(cache_dir)
-        os.replace(tmp, cache_dir)
+        try:
+            os.replace(tmp, cache_dir)
+        except OSError:
+            # Another process (a DDP rank) finished the same preparation first: keep its copy.
+            if not is_cached(cache_dir):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,0 +1,139 @@
+"""Approximators f_theta: reconstruct the target item representation x0 from the history and x_t.
+
+Both take the normalised history embedding ``seq_emb`` (B, L, d), its ``mask`` (B, L), the
+noised target ``x_t`` (B, d), the step ``t`` (B,) and the uncertainty ``lam`` (B, L, d)
+(lambda ~ N(delta, delta), drawn by the caller so that evaluation noise stays reproducible),
+and return x0_hat (B, d): the output at the most recent history position.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from diffurec_lightning.models.layers import (
+    CrossAttentionBlock,
+    SelfAttentionBlock,
+    StepEmbedding,
+    key_padding_bias,
+    xavier_init,
+)
+
+
+class Approximator(nn.Module):
+    """Shared parts: step embedding, output dropout and LayerNorm."""
+
+    def __init__(
+        self, *, hidden_size: int, num_blocks: int, num_heads: int, dropout: float, num_steps: int
+    ) -> None:
+        super().__init__()
+        self.step_embedding = StepEmbedding(hidden_size, num_steps)
+        self.out_dropout = nn.Dropout(dropout)
+        self.out_norm = nn.LayerNorm(hidden_size)
+        self.num_blocks = num_blocks
+
+    def condition(self, x_t: torch.Tensor, t: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        """lambda_i * (x_s + d_s): the noised target scaled per history position, (B, L, d)."""
+        return lam * (x_t + self.step_embedding(t))[:, None, :]
+
+    def finish(self, h: torch.Tensor) -> torch.Tensor:
+        return self.out_norm(self.out_dropout(h[:, -1]))  # (B, d)
+
+
+class DiffuRecApproximator(Approximator):
+    """DiffuRec (Eq. 15): z_i = e_i + lambda_i (x_s + d_s), then a Transformer over z."""
+
+    def __init__(
+        self, *, hidden_size: int, num_blocks: int, num_heads: int, dropout: float, num_steps: int
+    ) -> None:
+        super().__init__(
+            hidden_size=hidden_size,
+            num_blocks=num_blocks,
+            num_heads=num_heads,
+            dropout=dropout,
+            num_steps=num_steps,
+        )
+        self.blocks = nn.ModuleList(
+            SelfAttentionBlock(hidden_size, num_heads, dropout) for _ in range(num_blocks)
+        )
+        xavier_init(self)
+
+    def forward(
+        self,
+        seq_emb: torch.Tensor,
+        mask: torch.Tensor,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        lam: torch.Tensor,
+    ) -> torch.Tensor:
+        attn_mask = key_padding_bias(mask)
+        h = seq_emb + self.condition(x_t, t, lam)  # (B, L, d)
+        last = len(self.blocks) - 1
+        for index, block in enumerate(self.blocks):
+            # Each block feeds the next (the public code fed every block the raw input).
+            h = block(h, attn_mask, last_only=index == last)
+        return self.finish(h)
+
+
+class CrossAttentionApproximator(Approximator):
+    """DiffuRecSys (Eq. 16): z_i = CrossAttention(e_i, lambda_i (x_s + d_s)) in every block."""
+
+    def __init__(
+        self, *, hidden_size: int, num_blocks: int, num_heads: int, dropout: float, num_steps: int
+    ) -> None:
+        super().__init__(
+            hidden_size=hidden_size,
+            num_blocks=num_blocks,
+            num_heads=num_heads,
+            dropout=dropout,
+            num_steps=num_steps,
+        )
+        self.blocks = nn.ModuleList(
+            CrossAttentionBlock(hidden_size, num_heads, dropout) for _ in range(num_blocks)
+        )
+        xavier_init(self)
+
+    def history_cache(self, seq_emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values of the first cross-attention: they depend on the history alone, so the
+        reverse loop computes them once per batch instead of once per step."""
+        first = self.blocks[0]
+        return first.cross.keys_values(first.cross_norm(seq_emb))
+
+    def forward(
+        self,
+        seq_emb: torch.Tensor,
+        mask: torch.Tensor,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        lam: torch.Tensor,
+        cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        attn_mask = key_padding_bias(mask)
+        condition = self.condition(x_t, t, lam)  # (B, L, d)
+        h = seq_emb
+        last = len(self.blocks) - 1
+        for index, block in enumerate(self.blocks):
+            h = block(
+                h,
+                condition,
+                attn_mask,
+                last_only=index == last,
+                cross_kv=cache if index == 0 else None,
+            )
+        return self.finish(h)
+
+
+APPROXIMATORS: dict[str, type[Approximator]] = {
+    "diffurec": DiffuRecApproximator,
+    "cross_attention": CrossAttentionApproximator,
+}
+
+
+def make_approximator(name: str, **kwargs: int | float) -> Approximator:
+    try:
+        cls = APPROXIMATORS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown approximator '{name}'; choose one of: {', '.join(APPROXIMATORS)}"
+        ) from None
+    return cls(**kwargs)

@@ -1,0 +1,166 @@
+"""Transformer building blocks with key-padding masks and fused attention.
+
+Shape legend: B batch, L history length, Q query length, d hidden size, H heads.
+``mask`` is a (B, L) bool tensor, True where the history holds a real item; padded positions
+are never attended to as keys (their own outputs are computed but never read).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """(B,) float steps -> (B, dim) sinusoidal features (cos half, then sin half)."""
+    half = dim // 2
+    freqs = torch.exp(
+        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+    )
+    args = t.float()[:, None] * freqs[None]  # (B, half)
+    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        embedding = F.pad(embedding, (0, 1))
+    return embedding
+
+
+class StepEmbedding(nn.Module):
+    """d_s: sinusoidal embedding of the step rescaled to s * 1000 / T, then an MLP (d -> 4d -> d)."""
+
+    def __init__(self, hidden_size: int, num_steps: int) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.scale = 1000.0 / num_steps
+        self.mlp = nn.Sequential(
+            nn.Linear(hidden_size, 4 * hidden_size),
+            nn.SiLU(),
+            nn.Linear(4 * hidden_size, hidden_size),
+        )
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(sinusoidal_embedding(t * self.scale, self.hidden_size))
+
+
+def key_padding_bias(mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool -> (B, 1, 1, L) bool attention mask for SDPA (True = may attend)."""
+    return mask[:, None, None, :]
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention over a key/value sequence with padded keys masked out."""
+
+    def __init__(self, hidden_size: int, num_heads: int, dropout: float) -> None:
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.query = nn.Linear(hidden_size, hidden_size)
+        self.key = nn.Linear(hidden_size, hidden_size)
+        self.value = nn.Linear(hidden_size, hidden_size)
+        self.out = nn.Linear(hidden_size, hidden_size)
+        self.dropout = dropout
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        return x.view(b, n, self.num_heads, d // self.num_heads).transpose(1, 2)  # (B, H, n, d/H)
+
+    def keys_values(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected keys and values; callers may compute them once and reuse them."""
+        return self._heads(self.key(context)), self._heads(self.value(context))
+
+    def attend(
+        self,
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        attn_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        q = self._heads(self.query(query))  # (B, H, Q, d/H)
+        attended = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
+        )  # (B, H, Q, d/H)
+        b, _, n, _ = attended.shape
+        return self.out(attended.transpose(1, 2).reshape(b, n, -1))  # (B, Q, d)
+
+    def forward(
+        self, query: torch.Tensor, context: torch.Tensor, attn_mask: torch.Tensor
+    ) -> torch.Tensor:
+        keys, values = self.keys_values(context)
+        return self.attend(query, keys, values, attn_mask)
+
+
+class FeedForward(nn.Module):
+    """Position-wise d -> 4d -> d with GELU."""
+
+    def __init__(self, hidden_size: int, dropout: float) -> None:
+        super().__init__()
+        self.up = nn.Linear(hidden_size, 4 * hidden_size)
+        self.down = nn.Linear(4 * hidden_size, hidden_size)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.dropout(F.gelu(self.up(x))))
+
+
+class SelfAttentionBlock(nn.Module):
+    """Pre-LayerNorm Transformer block: self-attention then feed-forward, both residual."""
+
+    def __init__(self, hidden_size: int, num_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.attn_norm = nn.LayerNorm(hidden_size)
+        self.attn = MultiHeadAttention(hidden_size, num_heads, dropout)
+        self.ffn_norm = nn.LayerNorm(hidden_size)
+        self.ffn = FeedForward(hidden_size, dropout)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(
+        self, h: torch.Tensor, attn_mask: torch.Tensor, last_only: bool = False
+    ) -> torch.Tensor:
+        """With ``last_only`` only the most recent position is computed (keys use all of them)."""
+        normed = self.attn_norm(h)
+        query, h = (normed[:, -1:], h[:, -1:]) if last_only else (normed, h)
+        h = h + self.dropout(self.attn(query, normed, attn_mask))
+        return h + self.dropout(self.ffn(self.ffn_norm(h)))
+
+
+class CrossAttentionBlock(nn.Module):
+    """DiffuRecSys block (Eq. 16): cross-attention between the noised target and the history,
+    then self-attention over the history, then feed-forward; all pre-LayerNorm residual.
+
+    The cross-attention queries are the scaled noised target ``condition`` (B, L, d); keys and
+    values are the (normalised) history, so what the target draws from the history is added to
+    every history position.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.cross_norm = nn.LayerNorm(hidden_size)
+        self.cross = MultiHeadAttention(hidden_size, num_heads, dropout)
+        self.block = SelfAttentionBlock(hidden_size, num_heads, dropout)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        condition: torch.Tensor,
+        attn_mask: torch.Tensor,
+        last_only: bool = False,
+        cross_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """``cross_kv`` may carry precomputed keys/values of ``cross_norm(h)`` (step-independent
+        for the first block, so the reverse loop computes them once per batch)."""
+        keys, values = cross_kv if cross_kv is not None else self.cross.keys_values(self.cross_norm(h))
+        h = h + self.dropout(self.cross.attend(condition, keys, values, attn_mask))
+        return self.block(h, attn_mask, last_only=last_only)
+
+
+def xavier_init(module: nn.Module) -> None:
+    """Xavier-normal weights and zero biases for every Linear inside ``module``."""
+    for layer in module.modules():
+        if isinstance(layer, nn.Linear):
+            nn.init.xavier_normal_(layer.weight)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)

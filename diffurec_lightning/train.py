@@ -1,0 +1,134 @@
+"""Train, validate and test a recommender: ``python -m diffurec_lightning.train data=toys``.
+
+``train(cfg)`` is a plain function (tests call it); ``main`` is the thin Hydra shell around it.
+Every run writes ``results.json`` into its run folder: the report and sweep tools read runs from
+these files, never from a W&B server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from diffurec_lightning.errors import DiffuRecError
+
+
+def instantiate_group(group: DictConfig | None) -> list[Any]:
+    """Instantiate every ``_target_`` entry of a logger/callback group (null entries skipped)."""
+    if not group:
+        return []
+    return [instantiate(entry) for entry in group.values() if entry and "_target_" in entry]
+
+
+def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
+    """Data, model and trainer from a composed config (the model learns num_items from the data)."""
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    model = instantiate(cfg.model, num_items=datamodule.num_items)
+    trainer = instantiate(
+        cfg.trainer,
+        logger=instantiate_group(cfg.get("logger")) or False,
+        callbacks=instantiate_group(cfg.get("callbacks")),
+    )
+    return datamodule, model, trainer
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".json.tmp")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(payload, handle, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def print_metrics_table(title: str, metrics: dict[str, float]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for key in metrics:
+        table.add_column(key.split("/")[-1], justify="right")
+    table.add_row(*(f"{value:.4f}" for value in metrics.values()))
+    Console().print(table)
+
+
+def _checkpoint_callback(trainer: L.Trainer) -> Any:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    return next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit (optionally), test the best checkpoint (optionally), write results.json; return it."""
+    started = time.time()
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule, model, trainer = build(cfg)
+    for logger in trainer.loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    if cfg.get("train", True):
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    val_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+
+    checkpoint = _checkpoint_callback(trainer)
+    best_path = checkpoint.best_model_path if checkpoint else ""
+    test_metrics: dict[str, float] = {}
+    if cfg.get("test", True):
+        if cfg.get("train", True):
+            ckpt = best_path or None  # no validation ran (e.g. fast_dev_run): test the weights
+        else:
+            ckpt = cfg.get("ckpt_path")
+        trainer.test(model, datamodule=datamodule, ckpt_path=ckpt, weights_only=False)
+        test_metrics = {
+            k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")
+        }
+
+    results = {
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "dataset": cfg.data.name,
+        "model": cfg.model.name,
+        "seed": cfg.seed,
+        "val": {k: v for k, v in val_metrics.items() if not k.endswith("_best")},
+        "val_best": {k[: -len("_best")]: v for k, v in val_metrics.items() if k.endswith("_best")},
+        "test": test_metrics,
+        "epochs": trainer.current_epoch,
+        "global_step": trainer.global_step,
+        "wall_time_s": round(time.time() - started, 2),
+        "best_checkpoint": best_path,
+        "padding_fraction": datamodule.padding_fraction("train"),
+    }
+    if trainer.is_global_zero:
+        write_json_atomic(Path(cfg.paths.output_dir) / "results.json", results)
+        if test_metrics:
+            print_metrics_table(f"test: {cfg.model.name} on {cfg.data.name}", test_metrics)
+    return results
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        results = train(cfg)
+    except DiffuRecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+    # The value a Hydra sweeper would optimise.
+    return results["val_best"].get("val/ndcg@10")
+
+
+if __name__ == "__main__":
+    main()
