@@ -1,0 +1,106 @@
+"""Noise sources: offset noise for training and per-user reproducible streams for evaluation."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_MASK32 = (1 << 32) - 1
+_MASK64 = (1 << 64) - 1
+
+
+def offset_noise(like: Tensor, offset: float, generator: torch.Generator | None = None) -> Tensor:
+    """eps ~ N(0.1 * offset, I) shaped like `like` (DiffuRecSys Eq. 17); offset 0 is plain N(0, I).
+
+    The noise is drawn on the generator's device (like's device without one), then moved to like's.
+    """
+    device = generator.device if generator is not None else like.device
+    noise = torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype)
+    return noise.to(like.device) + 0.1 * offset
+
+
+def _splitmix64(x: int) -> int:
+    # SplitMix64 finaliser (Steele, Lea & Flood 2014): a bijection on 64-bit ints that mixes well.
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def _mix32(x: int) -> int:
+    # "lowbias32" (C. Wellons): xor-shifts and odd multiplications, hence a bijection on 32 bits.
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _MASK32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def user_seed(seed: int, user: int) -> int:
+    """The seed of user `user`'s noise stream under the global `seed`.
+
+    torch's CPU generator (mt19937) keeps only the low 32 bits of a seed, so the hash is a 32-bit
+    bijection of the user id keyed by the (64-bit mixed) global seed: under one seed no two users
+    with ids below 2**32 ever share a stream, and different seeds permute the streams unpredictably.
+    """
+    key = _splitmix64(seed & _MASK64) & _MASK32
+    return _mix32((user ^ key) & _MASK32)
+
+
+def _padded_row_index(num_rows: Tensor, max_rows: int) -> Tensor:
+    """For each drawn row (users back to back), its row in the left-padded (B * max_rows) layout."""
+    total = int(num_rows.sum())
+    first_slot = torch.arange(len(num_rows)) * max_rows + max_rows - num_rows  # (B,)
+    first_drawn = torch.cumsum(num_rows, dim=0) - num_rows  # (B,)
+    shift = torch.repeat_interleave(first_slot - first_drawn, num_rows, output_size=total)
+    return shift + torch.arange(total)
+
+
+class UserNoise:
+    """One Gaussian stream per user, so evaluation noise depends only on (seed, user).
+
+    A user's values never depend on who else is in the batch, the batch size or the device count,
+    as long as the same calls are made in the same order. Draws happen on the CPU (one
+    torch.Generator per user) into one flat buffer, which is moved to `device` and laid out there
+    with one index operation.
+    """
+
+    def __init__(self, seed: int, users: Tensor, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self._generators = [
+            torch.Generator().manual_seed(user_seed(seed, user)) for user in users.tolist()
+        ]
+
+    def _fill(self, counts: list[int], dim: int) -> Tensor:
+        """counts[b] * dim normals from user b's stream, users back to back: (sum(counts) * dim,)."""
+        flat = torch.empty(sum(counts) * dim)
+        start = 0
+        for generator, count in zip(self._generators, counts, strict=True):
+            end = start + count * dim
+            flat[start:end].normal_(generator=generator)
+            start = end
+        return flat
+
+    def vectors(self, dim: int) -> Tensor:
+        """The next `dim` normals of every user's stream: (B, dim)."""
+        flat = self._fill([1] * len(self._generators), dim)
+        return flat.view(len(self._generators), dim).to(self.device)
+
+    def rows(self, num_rows: Tensor, max_rows: int, dim: int) -> Tensor:
+        """num_rows[b] * dim normals from user b's stream as rows: (B, max_rows, dim).
+
+        User b's rows fill the LAST num_rows[b] rows in stream order, the rows before are zero
+        (left padding, like the item sequences).
+        """
+        counts = num_rows.tolist()
+        if len(counts) != len(self._generators):
+            raise ValueError(
+                f"num_rows has {len(counts)} entries for {len(self._generators)} users"
+            )
+        if any(not 0 <= count <= max_rows for count in counts):
+            raise ValueError(f"num_rows must lie in 0..{max_rows}, got {counts}")
+        flat = self._fill(counts, dim).view(-1, dim)  # (sum(num_rows), dim)
+        index = _padded_row_index(num_rows.to("cpu", torch.long), max_rows)  # (sum(num_rows),)
+        out = torch.zeros(len(counts) * max_rows, dim, device=self.device)
+        out.index_copy_(0, index.to(self.device), flat.to(self.device))
+        return out.view(len(counts), max_rows, dim)
