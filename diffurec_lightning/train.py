@@ -84,10 +84,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     best_path = checkpoint.best_model_path if checkpoint else ""
     test_metrics: dict[str, float] = {}
     if cfg.get("test", True):
-        if cfg.get("train", True):
-            ckpt = best_path or None  # no validation ran (e.g. fast_dev_run): test the weights
-        else:
-            ckpt = cfg.get("ckpt_path")
+        # Without any validation (e.g. fast_dev_run) there is no best checkpoint: test the weights.
+        ckpt = (best_path or None) if cfg.get("train", True) else cfg.get("ckpt_path")
         trainer.test(model, datamodule=datamodule, ckpt_path=ckpt, weights_only=False)
         test_metrics = {
             k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")

@@ -90,7 +90,9 @@ def _download(url: str, target: Path) -> None:
     try:
         with urllib.request.urlopen(url, timeout=60) as response, os.fdopen(fd, "wb") as out:
             total = int(response.headers.get("Content-Length") or 0) or None
-            with Progress(*Progress.get_default_columns(), DownloadColumn(), TransferSpeedColumn()) as bar:
+            with Progress(
+                *Progress.get_default_columns(), DownloadColumn(), TransferSpeedColumn()
+            ) as bar:
                 task = bar.add_task(f"download {target.parent.name}", total=total)
                 for block in iter(lambda: response.read(1 << 16), b""):
                     out.write(block)
@@ -138,9 +140,7 @@ def fetch_raw(name: str, raw_dir: Path, mirror: str | Path | None = None) -> Pat
     return target
 
 
-def diffurec_pickle_to_frames(
-    data: Any, source: str
-) -> tuple[pl.DataFrame, list[str], list[str]]:
+def diffurec_pickle_to_frames(data: Any, source: str) -> tuple[pl.DataFrame, list[str], list[str]]:
     """Check a DiffuRec-format dict structurally and turn it into (sequences, user_ids, item_ids).
 
     The format: train/val/test map user index -> item list (val and test one item each),
@@ -190,7 +190,9 @@ def diffurec_pickle_to_frames(
     )
 
 
-def convert_pickle(pickle_path: Path, cache_dir: Path, name: str, sha256: str | None = None) -> Path:
+def convert_pickle(
+    pickle_path: Path, cache_dir: Path, name: str, sha256: str | None = None
+) -> Path:
     """Safely unpickle a DiffuRec-format file and write it as a dataset cache."""
     data = safe_load(pickle_path)
     frame, user_ids, item_ids = diffurec_pickle_to_frames(data, str(pickle_path))
@@ -208,7 +210,11 @@ def prepare_benchmark(
     """Make sure ``<cache_root>/<name>`` holds the prepared benchmark; return that folder."""
     bench = get_benchmark(name)
     cache_dir = Path(cache_root) / name
-    if not force and is_cached(cache_dir) and read_meta(cache_dir).get("source_sha256") == bench.sha256:
+    if (
+        not force
+        and is_cached(cache_dir)
+        and read_meta(cache_dir).get("source_sha256") == bench.sha256
+    ):
         return cache_dir
     raw = fetch_raw(name, Path(cache_root) / "raw", mirror)
     return convert_pickle(raw, cache_dir, name, bench.sha256)

@@ -43,7 +43,9 @@ class SequenceDataModule(L.LightningDataModule):
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"data.{key} must be an integer >= 1, got {value!r}")
         if not isinstance(eval_batch_size, int) or eval_batch_size < 1:
-            raise ConfigError(f"data.eval_batch_size must be an integer >= 1, got {eval_batch_size!r}")
+            raise ConfigError(
+                f"data.eval_batch_size must be an integer >= 1, got {eval_batch_size!r}"
+            )
         self.data_cfg = {"name": name, "mirror": mirror, **import_options}
         self.data_dir = Path(data_dir)
         self.max_len = max_len

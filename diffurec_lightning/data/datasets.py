@@ -77,7 +77,9 @@ def train_prefixes(store: SequenceStore, max_len: int) -> PrefixDataset:
     return PrefixDataset(store, users, starts, ends, max_len)
 
 
-def eval_samples(store: SequenceStore, split: Literal["val", "test"], max_len: int) -> PrefixDataset:
+def eval_samples(
+    store: SequenceStore, split: Literal["val", "test"], max_len: int
+) -> PrefixDataset:
     """One sample per user: validation predicts the second-to-last item, test the last."""
     users = np.arange(store.num_users, dtype=np.int64)
     starts = store.offsets[:-1]

@@ -65,7 +65,9 @@ def validate_sequences(sequences: pl.DataFrame, num_items: int, source: str) -> 
     """Check the invariants every cached dataset keeps; raise a one-line DataError otherwise."""
     missing = {"user", "items"} - set(sequences.columns)
     if missing:
-        raise DataError(f"{source}: missing column(s) {sorted(missing)}; expected 'user' and 'items'")
+        raise DataError(
+            f"{source}: missing column(s) {sorted(missing)}; expected 'user' and 'items'"
+        )
     num_users = sequences.height
     if num_users == 0:
         raise DataError(f"{source}: no users left; check the input file and the filtering settings")

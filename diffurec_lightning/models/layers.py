@@ -152,7 +152,9 @@ class CrossAttentionBlock(nn.Module):
     ) -> torch.Tensor:
         """``cross_kv`` may carry precomputed keys/values of ``cross_norm(h)`` (step-independent
         for the first block, so the reverse loop computes them once per batch)."""
-        keys, values = cross_kv if cross_kv is not None else self.cross.keys_values(self.cross_norm(h))
+        keys, values = (
+            cross_kv if cross_kv is not None else self.cross.keys_values(self.cross_norm(h))
+        )
         h = h + self.dropout(self.cross.attend(condition, keys, values, attn_mask))
         return self.block(h, attn_mask, last_only=last_only)
 

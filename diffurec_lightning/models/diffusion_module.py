@@ -8,31 +8,23 @@ reverse process from pure noise with per-user reproducible noise, then rank all 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 
 from diffurec_lightning.diffusion.gaussian import GaussianDiffusion
 from diffurec_lightning.diffusion.noise import UserNoise, offset_noise
-from diffurec_lightning.diffusion.timesteps import LossAwareSampler, make_timestep_sampler
+from diffurec_lightning.diffusion.timesteps import make_timestep_sampler
 from diffurec_lightning.errors import ConfigError
-from diffurec_lightning.metrics import TopKMetrics, target_ranks, top_k_items
 from diffurec_lightning.models.approximators import make_approximator
+from diffurec_lightning.models.base import Batch, RecommenderModule, require
 from diffurec_lightning.models.embedding import ItemEmbedding
 
-Batch = dict[str, torch.Tensor]
 # Distinct ensemble members must draw distinct noise streams for the same user.
 _ENSEMBLE_SEED_STRIDE = 1_000_003
 
 
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
-
-
-class DiffusionRecModule(L.LightningModule):
+class DiffusionRecModule(RecommenderModule):
     """DiffuRec / DiffuRecSys: which one is set by ``approximator`` and ``offset``."""
 
     def __init__(
@@ -65,16 +57,22 @@ class DiffusionRecModule(L.LightningModule):
         monitor: str = "val/ndcg@10",
         predict_k: int = 20,
     ) -> None:
-        super().__init__()
-        _require(num_items >= 1, f"num_items must be >= 1, got {num_items}")
-        _require(num_steps >= 1, f"model.num_steps (T) must be >= 1, got {num_steps}")
-        _require(delta >= 0, f"model.delta must be >= 0, got {delta}")
-        _require(0 <= dropout < 1 and 0 <= emb_dropout < 1, "model dropouts must lie in [0, 1)")
-        _require(hidden_size >= 2 and num_blocks >= 1, "model.hidden_size >= 2 and num_blocks >= 1")
-        _require(hidden_size % num_heads == 0, "model.hidden_size must be divisible by num_heads")
-        _require(ensemble_size >= 1, f"model.ensemble_size must be >= 1, got {ensemble_size}")
-        _require(lr > 0 and weight_decay >= 0, "model.lr must be > 0 and weight_decay >= 0")
-        _require(lr_step_size >= 1 and 0 < lr_gamma <= 1, "lr_step_size >= 1, 0 < lr_gamma <= 1")
+        require(num_items >= 1, f"num_items must be >= 1, got {num_items}")
+        require(num_steps >= 1, f"model.num_steps (T) must be >= 1, got {num_steps}")
+        require(delta >= 0, f"model.delta must be >= 0, got {delta}")
+        require(0 <= dropout < 1 and 0 <= emb_dropout < 1, "model dropouts must lie in [0, 1)")
+        require(hidden_size >= 2 and num_blocks >= 1, "model.hidden_size >= 2 and num_blocks >= 1")
+        require(hidden_size % num_heads == 0, "model.hidden_size must be divisible by num_heads")
+        require(ensemble_size >= 1, f"model.ensemble_size must be >= 1, got {ensemble_size}")
+        super().__init__(
+            lr=lr,
+            weight_decay=weight_decay,
+            lr_step_size=lr_step_size,
+            lr_gamma=lr_gamma,
+            ks=ks,
+            monitor=monitor,
+            predict_k=predict_k,
+        )
         self.save_hyperparameters()
         try:
             self.items = ItemEmbedding(
@@ -99,9 +97,6 @@ class DiffusionRecModule(L.LightningModule):
             self.timesteps = make_timestep_sampler(timestep_sampler, num_steps=num_steps)
         except ValueError as exc:
             raise ConfigError(f"model: {exc}") from None
-        self.val_metrics = TopKMetrics(ks=ks, prefix="val/")
-        self.test_metrics = TopKMetrics(ks=ks, prefix="test/")
-        self.best: dict[str, float] = {}
 
     # -- training ------------------------------------------------------------------------
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
@@ -116,17 +111,10 @@ class DiffusionRecModule(L.LightningModule):
         x_start_pred = self.approximator(seq_emb, mask, x_t, t, lam)
         scores = self.items.scores(x_start_pred)  # (B, N)
         losses = F.cross_entropy(scores.float(), target - 1, reduction="none")
-        if isinstance(self.timesteps, LossAwareSampler):
-            self.timesteps.update(t, losses.detach())
+        self.timesteps.update(t, losses.detach())  # the loss-aware sampler learns from these
         loss = (losses * weights).mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=len(target))
         return loss
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        optimizer = torch.optim.Adam(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, hp.lr_step_size, gamma=hp.lr_gamma)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
     # -- reverse process -----------------------------------------------------------------
     def reverse(self, batch: Batch, member: int = 0, diffusion: GaussianDiffusion | None = None):
@@ -169,42 +157,3 @@ class DiffusionRecModule(L.LightningModule):
                 for m in range(members)
             )
             return probs / members
-
-    # -- evaluation ----------------------------------------------------------------------
-    def _rank_batch(self, batch: Batch) -> torch.Tensor:
-        scores = self.eval_scores(batch)
-        return target_ranks(F.pad(scores, (1, 0), value=float("-inf")), batch["target"])
-
-    def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        self.val_metrics.update(self._rank_batch(batch))
-
-    def on_validation_epoch_end(self) -> None:
-        values = {key: float(value) for key, value in self.val_metrics.compute().items()}
-        self.val_metrics.reset()
-        for key, value in values.items():
-            self.best[key] = max(self.best.get(key, float("-inf")), value)
-        # The values are already reduced across ranks (sum states), so no further sync.
-        for key, value in values.items():
-            self.log(key, value, prog_bar=key == self.hparams.monitor)
-        self.log_dict({f"{key}_best": value for key, value in self.best.items()})
-
-    def test_step(self, batch: Batch, batch_idx: int) -> None:
-        self.test_metrics.update(self._rank_batch(batch))
-
-    def on_test_epoch_end(self) -> None:
-        values = {key: float(value) for key, value in self.test_metrics.compute().items()}
-        self.test_metrics.reset()
-        self.log_dict(values)
-
-    def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor]:
-        values, items = top_k_items(
-            F.pad(self.eval_scores(batch), (1, 0), value=float("-inf")), self.hparams.predict_k
-        )
-        return {"user": batch["user"], "items": items, "scores": values}
-
-    # -- checkpoint state ----------------------------------------------------------------
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["best_metrics"] = dict(self.best)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.best = dict(checkpoint.get("best_metrics", {}))

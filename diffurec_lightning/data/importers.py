@@ -1,0 +1,293 @@
+"""Import a user's raw interaction file into the dataset cache (see docs/data-import.md).
+
+Readers turn each supported format into a LazyFrame with the file's own column names plus a row
+index taken at scan time; `import_interactions` then runs the polars pipeline of `preprocess`
+and writes the result with `store.write_cache`. Nothing reads the whole file into memory: the raw
+file is streamed once into a typed temporary parquet file, which later passes re-scan.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import polars as pl
+
+from diffurec_lightning.data import preprocess as pp
+from diffurec_lightning.data.store import MIN_SEQUENCE_LENGTH, write_cache
+from diffurec_lightning.errors import DataError
+
+FORMATS = ("csv", "tsv", "parquet", "recbole", "movielens")
+SUFFIX_FORMATS = {
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".txt": "tsv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".inter": "recbole",
+    ".dat": "movielens",
+}
+DEFAULT_SEPARATORS = {"csv": ",", "tsv": "\t", "recbole": "\t", "movielens": "::"}
+MOVIELENS_COLUMNS = ("user_id", "item_id", "rating", "timestamp")
+TIME_SAMPLE_ROWS = 1000  # rows read up front to decide how the time column is parsed
+_LINE_SEPARATOR = "\x1f"  # ASCII unit separator: absent from text files, so a line is one field
+
+
+def resolve_format(path: Path, format: str) -> str:
+    """The explicit format, or the one the file suffix implies when format is "auto"."""
+    if format == "auto":
+        if path.suffix.lower() in SUFFIX_FORMATS:
+            return SUFFIX_FORMATS[path.suffix.lower()]
+        raise DataError(
+            f"{path}: cannot tell the format from the suffix {path.suffix!r}; set data.format to "
+            f"one of {list(FORMATS)} (known suffixes: {', '.join(SUFFIX_FORMATS)})"
+        )
+    if format not in FORMATS:
+        raise DataError(
+            f"{path}: unknown data.format {format!r}; use 'auto' or one of {list(FORMATS)}"
+        )
+    return format
+
+
+def resolve_separator(path: Path, format: str, separator: str | None) -> str | None:
+    """The field separator for a text format; None for parquet."""
+    if format == "parquet":
+        if separator is not None:
+            raise DataError(
+                f"{path}: data.separator does not apply to parquet files; set it to null"
+            )
+        return None
+    # "\t" typed on a command line arrives as backslash + t.
+    separator = DEFAULT_SEPARATORS[format] if separator is None else separator.replace("\\t", "\t")
+    if not separator:
+        raise DataError(f"{path}: data.separator is empty; give the character between fields")
+    if format != "movielens" and len(separator.encode()) != 1:
+        raise DataError(
+            f"{path}: data.separator {separator!r} must be a single character for {format} files; "
+            "use data.format=movielens for '::'-style multi-character separators"
+        )
+    return separator
+
+
+def _strip_types(names: list[str]) -> list[str]:
+    # RecBole atomic headers are "name:type" (user_id:token, rating:float).
+    return [name.split(":", 1)[0] for name in names]
+
+
+def _scan_delimited(
+    path: Path, separator: str, rename: Callable[[list[str]], list[str]] | None = None
+) -> pl.LazyFrame:
+    # Every column is read as text: types are decided per column afterwards, which keeps ids
+    # exact (no "007" -> 7) and lets a bad timestamp produce our message, not a parser error.
+    return pl.scan_csv(
+        path,
+        separator=separator,
+        infer_schema=False,
+        with_column_names=rename,
+        row_index_name=pp.ROW,
+    )
+
+
+def _scan_movielens(path: Path, separator: str) -> pl.LazyFrame:
+    # polars splits on one byte only, so each line is read as a single field and split on the
+    # (possibly multi-character) separator inside the lazy plan.
+    lines = pl.scan_csv(
+        path,
+        has_header=False,
+        separator=_LINE_SEPARATOR,
+        quote_char=None,
+        new_columns=["line"],
+        infer_schema=False,
+        row_index_name=pp.ROW,
+    )
+    fields = (
+        pl.col("line")
+        .str.split_exact(separator, len(MOVIELENS_COLUMNS) - 1)
+        .struct.rename_fields(list(MOVIELENS_COLUMNS))
+    )
+    return lines.select(pl.col(pp.ROW), fields).unnest("line")
+
+
+def scan_raw(path: Path, format: str, separator: str | None) -> pl.LazyFrame:
+    """A lazy scan of a raw file: its own column names (RecBole types stripped) plus the row index."""
+    if format == "parquet":
+        return pl.scan_parquet(path, row_index_name=pp.ROW)
+    if format == "movielens":
+        return _scan_movielens(path, separator)
+    rename = _strip_types if format == "recbole" else None
+    return _scan_delimited(path, separator, rename)
+
+
+def _read_error(path: Path, format: str, error: Exception) -> DataError:
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return DataError(f"{path}: cannot read it as a {format} file ({first_line}); check data.format")
+
+
+def check_columns(
+    path: Path, raw: pl.LazyFrame, format: str, wanted: dict[str, str | None]
+) -> None:
+    """Raise one line naming the missing columns, the ones the file has, and the key to set."""
+    try:
+        present = [name for name in raw.collect_schema().names() if name != pp.ROW]
+    except pl.exceptions.PolarsError as error:
+        raise _read_error(path, format, error) from error
+    missing = {key: col for key, col in wanted.items() if col is not None and col not in present}
+    if missing:
+        keys = ", ".join(f"data.{key}={col!r}" for key, col in missing.items())
+        hint = " (or data.time_col=null to keep file order)" if "time_col" in missing else ""
+        raise DataError(
+            f"{path}: column(s) {sorted(set(missing.values()))} not found; the file has {present}; "
+            f"fix {keys}{hint}"
+        )
+
+
+def file_sha256(path: Path, chunk_bytes: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _describe_problem(path: Path, row: dict, columns: dict[str, str | None]) -> str:
+    where = f"data row {row[pp.ROW] + 1}"
+    for key, name in (("user_col", pp.USER), ("item_col", pp.ITEM)):
+        if row[name] is None:
+            return f"{path}: empty {columns[key]!r} in {where}; every row needs one (check data.separator)"
+    if row.get(pp.BAD_TIME) is not None:
+        return (
+            f"{path}: cannot parse {row[pp.BAD_TIME]!r} in column {columns['time_col']!r} ({where}) "
+            "as a timestamp like the first rows; fix the file or set data.time_col=null"
+        )
+    return (
+        f"{path}: cannot parse {row[pp.BAD_RATING]!r} in column {columns['rating_col']!r} ({where}) "
+        "as a number; fix the file or set data.rating_col=null"
+    )
+
+
+def _stage_interactions(
+    path: Path, format: str, raw: pl.LazyFrame, columns: dict[str, str | None], out: Path
+) -> pl.LazyFrame:
+    """Stream the raw file once into a typed parquet file and check every value on the way."""
+    time_col = columns["time_col"]
+    try:
+        time_kind = "native"
+        if time_col is not None:
+            sample = raw.select(time_col).head(TIME_SAMPLE_ROWS).collect().to_series()
+            time_kind = pp.infer_time_kind(sample, time_col, str(path))
+        pp.select_interactions(raw, **columns, time_kind=time_kind).sink_parquet(out)
+        staged = pl.scan_parquet(out)
+        problem = pp.first_problem(staged).collect(engine="streaming")
+    except pl.exceptions.PolarsError as error:
+        raise _read_error(path, format, error) from error
+    if problem.height:
+        raise DataError(_describe_problem(path, problem.row(0, named=True), columns))
+    return staged
+
+
+def _filter_core(path: Path, interactions: pl.LazyFrame, k_core: int) -> pp.KCore:
+    # Leave-one-out needs 3 items per user, so users are held to that even when k-core is off;
+    # doing it inside the loop keeps the item counts consistent with the users that remain.
+    user_min = max(k_core, MIN_SEQUENCE_LENGTH)
+    core = pp.iterative_kcore(interactions, user_min=user_min, item_min=max(k_core, 1))
+    if core.input_interactions == 0:
+        raise DataError(f"{path}: no interactions to import; check the file and data.min_rating")
+    if core.users.height == 0:
+        if k_core >= MIN_SEQUENCE_LENGTH:
+            reason = f"after {k_core}-core filtering; lower data.k_core"
+        else:
+            reason = f"with the {MIN_SEQUENCE_LENGTH} interactions a leave-one-out split needs"
+        raise DataError(
+            f"{path}: no users left {reason} (the input had {core.input_interactions} "
+            f"interactions of {core.input_users} users and {core.input_items} items)"
+        )
+    return core
+
+
+def _build_sequences(
+    interactions: pl.LazyFrame, core: pp.KCore, *, has_time: bool
+) -> tuple[pl.DataFrame, pl.Series, pl.Series]:
+    """Sequences plus the original user and item ids in index order."""
+    users, items = pp.user_index(core.users), pp.item_codes(core.items)
+    stream = pp.chronological(interactions, users, items, has_time=has_time)
+    rows = stream.collect(engine="streaming")
+    item_ids, order = pp.renumber_items(rows[pp.ITEM_CODE], items.height)
+    sequences = pp.to_sequences(rows[pp.USER_INDEX], item_ids)
+    return sequences, users[pp.USER], items[pp.ITEM].gather(order)
+
+
+def _check_arguments(
+    path: Path, rating_col: str | None, min_rating: float | None, k_core: int
+) -> None:
+    if not path.is_file():
+        raise DataError(f"{path}: file not found; set data.path to an existing interaction file")
+    if min_rating is not None and rating_col is None:
+        raise DataError(
+            f"{path}: data.min_rating={min_rating} needs data.rating_col (the column to compare)"
+        )
+    if k_core < 0:
+        raise DataError(
+            f"{path}: data.k_core={k_core} must be >= 0 (0 or 1 turns k-core filtering off)"
+        )
+
+
+def import_interactions(
+    path: str | Path,
+    cache_dir: str | Path,
+    *,
+    format: str = "auto",
+    user_col: str = "user_id",
+    item_col: str = "item_id",
+    time_col: str | None = "timestamp",
+    rating_col: str | None = None,
+    min_rating: float | None = None,
+    separator: str | None = None,
+    k_core: int = 5,
+    name: str | None = None,
+) -> Path:
+    """Turn a raw interaction file into a prepared dataset in `cache_dir`; return `cache_dir`.
+
+    Raises DataError, with one line naming the file, the field and the fix, for any bad input;
+    the cache is then left as it was (nothing half-written).
+    """
+    path, cache_dir = Path(path), Path(cache_dir)
+    _check_arguments(path, rating_col, min_rating, k_core)
+    format = resolve_format(path, format)
+    separator = resolve_separator(path, format, separator)
+    columns = {
+        "user_col": user_col,
+        "item_col": item_col,
+        "time_col": time_col,
+        "rating_col": rating_col,
+    }
+    raw = scan_raw(path, format, separator)
+    check_columns(path, raw, format, columns)
+
+    # Intermediate files sit next to the cache (same disk, which the user chose to be large).
+    cache_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.import-", dir=cache_dir.parent))
+    try:
+        staged = _stage_interactions(path, format, raw, columns, work / "interactions.parquet")
+        interactions = pp.implicit_feedback(staged, min_rating)
+        core = _filter_core(path, interactions, k_core)
+        sequences, user_ids, item_ids = _build_sequences(
+            interactions, core, has_time=time_col is not None
+        )
+        num_raw_rows = staged.select(pl.len()).collect().item()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    meta = {
+        "name": name or path.stem,
+        "source": str(path),
+        "source_sha256": file_sha256(path),
+        "source_format": format,
+        "columns": columns,
+        "min_rating": min_rating,
+        "k_core": k_core,
+        "k_core_iterations": core.iterations,
+        "num_raw_rows": num_raw_rows,
+    }
+    return write_cache(cache_dir, sequences, user_ids, item_ids, meta)
