@@ -63,3 +63,32 @@ def prepare_dataset(data_cfg: Mapping[str, Any], data_dir: str | Path, force: bo
 
     options = {k: data_cfg[k] for k in _IMPORT_KEYS if k in data_cfg}
     return import_interactions(path, cache_dir, name=path.stem, **options)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m diffurec_lightning.data.prepare data=toys`` (any Hydra overrides of train.yaml)."""
+    import sys
+
+    from diffurec_lightning.config import compose_config
+
+    overrides = sys.argv[1:] if argv is None else argv
+    force = "force=true" in overrides
+    cfg = compose_config([o for o in overrides if o != "force=true"])
+    try:
+        cache_dir = prepare_dataset(cfg.data, cfg.paths.data_dir, force=force)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from diffurec_lightning.data.store import read_meta
+
+    meta = read_meta(cache_dir)
+    print(
+        f"{meta['name']}: {meta['num_users']:,} users, {meta['num_items']:,} items, "
+        f"{meta['num_interactions']:,} interactions, {meta['num_train_prefixes']:,} training "
+        f"prefixes -> {cache_dir}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
