@@ -46,6 +46,13 @@ def safe_load(path: str | Path) -> Any:
     raw = path.read_bytes()
     if not raw:
         raise DataError(f"{path}: the file is empty; download it again")
+    if raw[:1] != pickle.PROTO:
+        # Every pickle written with protocol 2 or newer starts with PROTO; text or HTML (a
+        # failed download page, say) does not.
+        raise DataError(
+            f"{path}: not a valid pickle file (no pickle protocol header); the file is of "
+            "another format: download it again or check the path"
+        )
     try:
         for opcode, _arg, pos in pickletools.genops(io.BytesIO(raw)):
             if opcode.name not in _ALLOWED_OPCODES:

@@ -1,0 +1,313 @@
+"""Benchmark data: verified fetching, the restricted unpickler, the cache, samples and batching."""
+
+from __future__ import annotations
+
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from diffurec_lightning.data.batching import EvalBatchSampler, TrainBatchSampler
+from diffurec_lightning.data.benchmarks import (
+    convert_pickle,
+    fetch_raw,
+    get_benchmark,
+    prepare_benchmark,
+)
+from diffurec_lightning.data.datamodule import SequenceDataModule
+from diffurec_lightning.data.datasets import eval_samples, train_prefixes
+from diffurec_lightning.data.prepare import prepare_dataset
+from diffurec_lightning.data.safe_pickle import safe_load
+from diffurec_lightning.data.store import load_id_maps, load_store, write_cache
+from diffurec_lightning.errors import ConfigError, DataError
+
+EXPECTED = {
+    "toys": (19_412, 11_924, 109_361),
+    "beauty": (22_363, 12_101, 131_413),
+    "ml-1m": (6_040, 3_706, 982_089),
+}
+
+
+def tiny_cache(tmp_path: Path, sequences: list[list[int]], num_items: int) -> Path:
+    frame = pl.DataFrame(
+        {"user": list(range(len(sequences))), "items": sequences},
+        schema={"user": pl.Int32, "items": pl.List(pl.Int32)},
+    )
+    return write_cache(
+        tmp_path / "tiny",
+        frame,
+        [f"u{u}" for u in range(len(sequences))],
+        [f"i{i}" for i in range(1, num_items + 1)],
+        {"name": "tiny"},
+    )
+
+
+# -- real benchmark files ------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_benchmark_counts(name: str, data_dir: Path, mirror: Path) -> None:
+    store = load_store(prepare_benchmark(name, data_dir, mirror))
+    users, items, prefixes = EXPECTED[name]
+    assert (store.num_users, store.num_items, store.num_train_prefixes) == (users, items, prefixes)
+    assert len(train_prefixes(store, max_len=50)) == prefixes
+    assert isinstance(store.items, np.memmap)  # the compact store is memory-mapped, not loaded
+
+
+def test_cache_matches_the_pickle(data_dir: Path, mirror: Path) -> None:
+    raw = pickle.loads((mirror / "toys" / "dataset.pkl").read_bytes())  # checksum-known file
+    cache = prepare_benchmark("toys", data_dir, mirror)
+    store = load_store(cache)
+    for user in (0, 1, 777, 19_411):
+        expected = raw["train"][user] + raw["val"][user] + raw["test"][user]
+        assert store.sequence(user).tolist() == expected
+    user_ids, item_ids = load_id_maps(cache)
+    inverse_smap = {v: str(k) for k, v in raw["smap"].items()}
+    assert item_ids["original_id"][41] == inverse_smap[42]
+    assert user_ids["original_id"][5] == {v: str(k) for k, v in raw["umap"].items()}[5]
+
+
+def test_val_and_test_samples_follow_the_protocol(data_dir: Path, mirror: Path) -> None:
+    raw = pickle.loads((mirror / "toys" / "dataset.pkl").read_bytes())
+    store = load_store(prepare_benchmark("toys", data_dir, mirror))
+    val, test = eval_samples(store, "val", 50), eval_samples(store, "test", 50)
+    batch_val, batch_test = val.__getitems__([2]), test.__getitems__([2])
+    history = raw["train"][2]
+    assert batch_val["seq"][0][-len(history) :].tolist() == history
+    assert int(batch_val["target"][0]) == raw["val"][2][0]
+    assert batch_test["seq"][0][-len(history) - 1 :].tolist() == history + raw["val"][2]
+    assert int(batch_test["target"][0]) == raw["test"][2][0]
+
+
+def test_datamodule_yields_batches_for_every_benchmark(data_dir: Path, mirror: Path) -> None:
+    for name in EXPECTED:
+        dm = SequenceDataModule(name=name, data_dir=str(data_dir), mirror=str(mirror), max_len=50)
+        dm.prepare_data()
+        dm.setup()
+        batch = next(iter(dm.train_dataloader()))
+        assert batch["seq"].dtype == torch.long and batch["seq"].shape[0] == 512
+        assert batch["seq"].shape[1] <= 50
+        assert bool((batch["seq"][:, -1] > 0).all())  # most recent item last, never padding
+        assert dm.num_items == EXPECTED[name][1]
+
+
+def test_bucketing_cuts_padding_on_toys(data_dir: Path, mirror: Path) -> None:
+    dm = SequenceDataModule(name="toys", data_dir=str(data_dir), mirror=str(mirror))
+    dm.setup()
+    bucketed = dm.padding_fraction("train")
+    dm.bucketing = False
+    plain = dm.padding_fraction("train")
+    assert plain > 0.8  # most positions of a naive batch are padding on Toys
+    assert bucketed < 0.2
+
+
+# -- fetching and verification -------------------------------------------------------------
+def test_mirror_with_wrong_checksum_is_refused(tmp_path: Path, mirror: Path) -> None:
+    bad_mirror = tmp_path / "mirror"
+    (bad_mirror / "toys").mkdir(parents=True)
+    data = bytearray((mirror / "toys" / "dataset.pkl").read_bytes())
+    data[100] ^= 0xFF
+    (bad_mirror / "toys" / "dataset.pkl").write_bytes(bytes(data))
+    with pytest.raises(DataError, match="wrong SHA-256"):
+        fetch_raw("toys", tmp_path / "raw", bad_mirror)
+    assert not (tmp_path / "raw" / "toys" / "dataset.pkl").exists()
+
+
+def test_missing_file_in_mirror(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="not found in the data mirror"):
+        fetch_raw("beauty", tmp_path / "raw", tmp_path)
+
+
+def test_unknown_dataset_name(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="unknown dataset 'amazon'.*toys, beauty, ml-1m"):
+        get_benchmark("amazon")
+    with pytest.raises(DataError, match="unknown dataset 'amazon'"):
+        prepare_dataset({"name": "amazon"}, tmp_path)
+
+
+def test_damaged_cached_raw_file_is_fetched_again(tmp_path: Path, mirror: Path) -> None:
+    first = fetch_raw("toys", tmp_path / "raw", mirror)
+    first.write_bytes(b"garbage")
+    again = fetch_raw("toys", tmp_path / "raw", mirror)
+    assert again.read_bytes() == (mirror / "toys" / "dataset.pkl").read_bytes()
+
+
+# -- restricted unpickler ------------------------------------------------------------------
+class _Payload:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+@pytest.mark.parametrize(
+    "obj, opcode",
+    [
+        (_Payload(), "GLOBAL"),
+        ({"train": {0: [1.5]}}, "BINFLOAT"),
+        ({"train": (1, 2)}, "TUPLE"),
+        ({"x": {1, 2}}, "SET"),
+    ],
+)
+def test_restricted_unpickler_refuses_other_objects(
+    tmp_path: Path, obj: object, opcode: str
+) -> None:
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(pickle.dumps(obj, protocol=4))
+    with pytest.raises(DataError, match=f"refused to unpickle: opcode \\w*{opcode[:4]}"):
+        safe_load(path)
+
+
+def test_restricted_unpickler_admits_plain_data(tmp_path: Path) -> None:
+    data = {"a": [1, 2, -3, 2**70], "b": {"c": "text"}}
+    path = tmp_path / "ok.pkl"
+    path.write_bytes(pickle.dumps(data, protocol=2))
+    assert safe_load(path) == data
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [(b"", "empty"), (b"hello, not a pickle", "not a valid pickle"), (None, "truncated")],
+)
+def test_broken_pickles(tmp_path: Path, mirror: Path, content: bytes | None, message: str) -> None:
+    path = tmp_path / "broken.pkl"
+    if content is None:
+        content = (mirror / "toys" / "dataset.pkl").read_bytes()[:5000]
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        safe_load(path)
+
+
+def test_missing_pickle_file(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="file not found"):
+        safe_load(tmp_path / "nope.pkl")
+
+
+# -- user-supplied DiffuRec-format pickles --------------------------------------------------
+def _diffurec_dict() -> dict:
+    return {
+        "train": {0: [1, 2, 3], 1: [2, 3]},
+        "val": {0: [4], 1: [1]},
+        "test": {0: [2], 1: [4]},
+        "umap": {"alice": 0, "bob": 1},
+        "smap": {"a": 1, "b": 2, "c": 3, "d": 4},
+    }
+
+
+def test_custom_pickle_is_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "steam.pkl"
+    path.write_bytes(pickle.dumps(_diffurec_dict()))
+    cache = prepare_dataset({"name": "custom", "path": str(path)}, tmp_path / "cache")
+    store = load_store(cache)
+    assert store.sequence(1).tolist() == [2, 3, 1, 4]
+    assert load_id_maps(cache)[0]["original_id"].to_list() == ["alice", "bob"]
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda d: d.pop("smap"), "missing key"),
+        (lambda d: d["test"].pop(1), "user 1 is missing from 'test'"),
+        (lambda d: d["train"][0].append(9), "out of range 1..4"),
+        (lambda d: d["val"].__setitem__(0, [1, 2]), "exactly one item"),
+        (lambda d: d["umap"].__setitem__("carol", 5), "umap values"),
+    ],
+)
+def test_custom_pickle_structure_errors(tmp_path: Path, mutate, message: str) -> None:
+    data = _diffurec_dict()
+    mutate(data)
+    path = tmp_path / "bad.pkl"
+    path.write_bytes(pickle.dumps(data))
+    with pytest.raises(DataError, match=message):
+        convert_pickle(path, tmp_path / "cache" / "bad", "bad")
+    assert not (tmp_path / "cache" / "bad").exists()
+    leftovers = list((tmp_path / "cache").glob("*")) if (tmp_path / "cache").exists() else []
+    assert leftovers == []  # no partial cache or temp folder left behind
+
+
+def test_custom_needs_a_path(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="data.path"):
+        prepare_dataset({"name": "custom", "path": None}, tmp_path)
+    with pytest.raises(DataError, match="file not found"):
+        prepare_dataset({"name": "custom", "path": str(tmp_path / "x.csv")}, tmp_path)
+
+
+# -- samples from a hand-written store ------------------------------------------------------
+def test_prefixes_and_eval_samples_exact(tmp_path: Path) -> None:
+    # user 0: train 1 2 3 | val 4 | test 5 ; user 1: train 6 | val 7 | test 8
+    store = load_store(tiny_cache(tmp_path, [[1, 2, 3, 4, 5], [6, 7, 8]], num_items=8))
+    train = train_prefixes(store, max_len=2)
+    batch = train.__getitems__(list(range(len(train))))
+    assert batch["seq"].tolist() == [[0, 1], [1, 2]]  # (1)->2, (1,2)->3; user 1 has none
+    assert batch["target"].tolist() == [2, 3]
+    assert batch["user"].tolist() == [0, 0]
+    val = eval_samples(store, "val", max_len=2).__getitems__([0, 1])
+    assert val["seq"].tolist() == [[2, 3], [0, 6]] and val["target"].tolist() == [4, 7]
+    test = eval_samples(store, "test", max_len=5).__getitems__([1, 0])
+    assert test["seq"].tolist() == [[0, 6, 7], [1, 2, 3, 4]] or test["seq"].shape[1] == 4
+    assert test["seq"].tolist() == [[0, 0, 6, 7], [1, 2, 3, 4]]
+    assert test["target"].tolist() == [8, 5]
+
+
+def test_max_len_must_be_positive(tmp_path: Path) -> None:
+    store = load_store(tiny_cache(tmp_path, [[1, 2, 3]], num_items=3))
+    with pytest.raises(ConfigError, match="max_len must be >= 1"):
+        train_prefixes(store, max_len=0)
+    with pytest.raises(ConfigError, match="max_len must be an integer >= 1"):
+        SequenceDataModule(name="toys", data_dir=str(tmp_path), max_len=0)
+
+
+def test_write_cache_rejects_bad_sequences_and_leaves_nothing(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="out of range 1..3"):
+        tiny_cache(tmp_path, [[1, 2, 4]], num_items=3)
+    with pytest.raises(DataError, match="at least 3"):
+        tiny_cache(tmp_path, [[1, 2]], num_items=3)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_arrays_are_rebuilt_from_parquet(tmp_path: Path) -> None:
+    cache = tiny_cache(tmp_path, [[1, 2, 3, 4], [2, 3, 1]], num_items=4)
+    (cache / "items.npy").unlink()
+    assert load_store(cache).sequence(1).tolist() == [2, 3, 1]
+
+
+# -- batching ------------------------------------------------------------------------------
+def test_train_sampler_is_deterministic_and_complete() -> None:
+    lengths = np.random.default_rng(0).integers(1, 50, size=1000)
+    sampler = TrainBatchSampler(lengths, 64, seed=3)
+    first = list(sampler)
+    assert first == list(TrainBatchSampler(lengths, 64, seed=3))
+    assert sorted(i for batch in first for i in batch) == list(range(1000))
+    sampler.set_epoch(1)
+    assert list(sampler) != first  # a new order every epoch
+    spread = [np.ptp(lengths[b]) for b in first]
+    assert np.mean(spread) < 5  # bucketing groups similar lengths
+
+
+def test_train_sampler_shards_equal_steps_per_rank() -> None:
+    lengths = np.arange(1, 1001)
+    shards = [
+        list(TrainBatchSampler(lengths, 64, seed=0, num_replicas=3, rank=r)) for r in range(3)
+    ]
+    assert (
+        len({len(s) for s in shards})
+        == 1
+        == len(
+            {len(TrainBatchSampler(lengths, 64, seed=0, num_replicas=3, rank=r)) for r in range(3)}
+        )
+    )
+    seen = [i for shard in shards for batch in shard for i in batch]
+    assert len(seen) == len(set(seen))
+
+
+def test_eval_sampler_gives_every_user_to_exactly_one_rank() -> None:
+    lengths = np.random.default_rng(1).integers(1, 30, size=101)
+    shards = [list(EvalBatchSampler(lengths, 10, num_replicas=2, rank=r)) for r in range(2)]
+    seen = sorted(i for shard in shards for batch in shard for i in batch)
+    assert seen == list(range(101))  # no user dropped, none duplicated
+
+
+def test_removed_cache_copy_is_prepared_again(tmp_path: Path, mirror: Path) -> None:
+    cache = prepare_benchmark("beauty", tmp_path, mirror)
+    shutil.rmtree(cache)
+    assert load_store(prepare_benchmark("beauty", tmp_path, mirror)).num_users == 22_363
