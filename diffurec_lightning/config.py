@@ -14,4 +14,4 @@ def compose_config(overrides: list[str] | None = None, config_name: str = "train
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name=config_name, overrides=overrides or [], return_hydra_config=True)
+        return compose(config_name=config_name, overrides=overrides or [])

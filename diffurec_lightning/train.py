@@ -17,6 +17,7 @@ from typing import Any
 
 import hydra
 import lightning as L
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -30,16 +31,29 @@ def instantiate_group(group: DictConfig | None) -> list[Any]:
     return [instantiate(entry) for entry in group.values() if entry and "_target_" in entry]
 
 
+def _user_error(exc: BaseException) -> DiffuRecError | None:
+    """The DiffuRecError that Hydra's InstantiationException wraps, if any."""
+    while exc is not None:
+        if isinstance(exc, DiffuRecError):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
     """Data, model and trainer from a composed config (the model learns num_items from the data)."""
-    datamodule = instantiate(cfg.data)
-    datamodule.prepare_data()
-    model = instantiate(cfg.model, num_items=datamodule.num_items)
-    trainer = instantiate(
-        cfg.trainer,
-        logger=instantiate_group(cfg.get("logger")) or False,
-        callbacks=instantiate_group(cfg.get("callbacks")),
-    )
+    try:
+        datamodule = instantiate(cfg.data)
+        datamodule.prepare_data()
+        model = instantiate(cfg.model, num_items=datamodule.num_items)
+        trainer = instantiate(
+            cfg.trainer,
+            logger=instantiate_group(cfg.get("logger")) or False,
+            callbacks=instantiate_group(cfg.get("callbacks")),
+        )
+    except InstantiationException as exc:
+        # Report the configuration mistake itself, not Hydra's wrapper around it.
+        raise (_user_error(exc) or exc) from None
     return datamodule, model, trainer
 
 
@@ -55,6 +69,9 @@ def print_metrics_table(title: str, metrics: dict[str, float]) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    # Overall metrics only ("test/hr@10"); per-group case-study keys ("test/head/hr@10") stay in
+    # results.json and case_studies.json.
+    metrics = {key: value for key, value in metrics.items() if key.count("/") == 1}
     table = Table(title=title)
     for key in metrics:
         table.add_column(key.split("/")[-1], justify="right")
@@ -68,6 +85,41 @@ def _checkpoint_callback(trainer: L.Trainer) -> Any:
     return next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
 
 
+def resume_checkpoint(cfg: DictConfig, trainer: L.Trainer) -> str | None:
+    """``ckpt_path=auto``: the newest checkpoint of this run folder, or None for a fresh start.
+
+    Candidates are Lightning's SLURM requeue checkpoints (``hpc_ckpt_<n>.ckpt`` in the trainer's
+    root dir, written when the requeue signal arrives) and ModelCheckpoint's ``last.ckpt``; a
+    requeued job keeps its run folder (keyed by the job id), so it continues where it stopped.
+    Any other value is passed to Lightning unchanged.
+    """
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path != "auto":
+        return ckpt_path
+    candidates = list(Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt"))
+    checkpoint = _checkpoint_callback(trainer)
+    if checkpoint is not None and checkpoint.dirpath:
+        candidates.append(Path(checkpoint.dirpath) / f"{checkpoint.CHECKPOINT_NAME_LAST}.ckpt")
+    existing = [path for path in candidates if path.is_file()]
+    return str(max(existing, key=lambda path: path.stat().st_mtime_ns)) if existing else None
+
+
+def log_best_checkpoint(trainer: L.Trainer, path: str) -> None:
+    """Attach the best checkpoint to the W&B run as a model artifact (offline runs keep it for
+    `wandb sync`)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    if not path:
+        return
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            import wandb
+
+            artifact = wandb.Artifact(f"model-{logger.experiment.id}", type="model")
+            artifact.add_file(path, name="best.ckpt")
+            logger.experiment.log_artifact(artifact, aliases=["best"])
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit (optionally), test the best checkpoint (optionally), write results.json; return it."""
     started = time.time()
@@ -76,8 +128,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
+    ckpt_path = resume_checkpoint(cfg, trainer)
     if cfg.get("train", True):
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        # Our own checkpoints (hparams, loop and callback state) need the full unpickler.
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
     val_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
 
     checkpoint = _checkpoint_callback(trainer)
@@ -85,7 +139,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     test_metrics: dict[str, float] = {}
     if cfg.get("test", True):
         # Without any validation (e.g. fast_dev_run) there is no best checkpoint: test the weights.
-        ckpt = (best_path or None) if cfg.get("train", True) else cfg.get("ckpt_path")
+        ckpt = (best_path or None) if cfg.get("train", True) else ckpt_path
         trainer.test(model, datamodule=datamodule, ckpt_path=ckpt, weights_only=False)
         test_metrics = {
             k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")
@@ -103,9 +157,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "global_step": trainer.global_step,
         "wall_time_s": round(time.time() - started, 2),
         "best_checkpoint": best_path,
+        "resumed_from": ckpt_path,
         "padding_fraction": datamodule.padding_fraction("train"),
     }
     if trainer.is_global_zero:
+        log_best_checkpoint(trainer, best_path)
         write_json_atomic(Path(cfg.paths.output_dir) / "results.json", results)
         if test_metrics:
             print_metrics_table(f"test: {cfg.model.name} on {cfg.data.name}", test_metrics)
