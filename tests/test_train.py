@@ -191,3 +191,22 @@ def test_loss_aware_sampler_is_updated_during_training(run_env: Path) -> None:
     assert not torch.allclose(
         model.timesteps.probabilities(), torch.full((8,), 1 / 8, dtype=torch.float64)
     )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dataset", ["toys", "beauty", "ml-1m"])
+@pytest.mark.parametrize("model", VARIANTS)
+def test_smoke_every_variant_on_every_benchmark(dataset: str, model: str, run_env: Path) -> None:
+    results = run(
+        run_env,
+        f"data={dataset}",
+        f"model={model}",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=3",
+        "trainer.limit_val_batches=1",
+        "trainer.limit_test_batches=1",
+        "trainer.check_val_every_n_epoch=1",
+        "callbacks.progress_bar=null",
+    )
+    assert results["global_step"] == 3
+    assert 0.0 <= results["test"]["test/hr@20"] <= 1.0
