@@ -15,6 +15,7 @@ import resource
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -63,8 +64,51 @@ def write_interactions(
 
 
 def peak_rss_mib() -> float:
-    """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB)."""
+    """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB).
+
+    This counts pages of memory-mapped files too: polars maps the files it scans, and those
+    clean pages are given back whenever memory is short, so they are not memory the import needs.
+    """
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class AnonymousMemoryPeak:
+    """Samples the process's anonymous resident memory (heap, not mapped files) in a thread.
+
+    Linux only (reads RssAnon from /proc/self/status); `peak_mib` stays None elsewhere.
+    """
+
+    def __init__(self, interval_s: float = 0.02) -> None:
+        self.interval_s = interval_s
+        self.peak_mib: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _rss_anon_mib() -> float | None:
+        try:
+            with open("/proc/self/status") as status:
+                for line in status:
+                    if line.startswith("RssAnon:"):
+                        return int(line.split()[1]) / 1024  # kB
+        except OSError:
+            return None
+        return None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            current = self._rss_anon_mib()
+            if current is not None:
+                self.peak_mib = max(self.peak_mib or 0.0, current)
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> AnonymousMemoryPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def measure(path: Path, *, k_core: int, cache_dir: Path | None) -> dict[str, float | int | str]:
@@ -72,9 +116,10 @@ def measure(path: Path, *, k_core: int, cache_dir: Path | None) -> dict[str, flo
     work = Path(tempfile.mkdtemp(prefix="diffurec-measure-")) if cache_dir is None else None
     target = cache_dir if cache_dir is not None else work / "cache"
     try:
-        start = time.perf_counter()
-        import_interactions(path, target, k_core=k_core)
-        wall = time.perf_counter() - start
+        with AnonymousMemoryPeak() as anonymous:
+            start = time.perf_counter()
+            import_interactions(path, target, k_core=k_core)
+            wall = time.perf_counter() - start
         meta = read_meta(target)
     finally:
         if work is not None:
@@ -90,6 +135,9 @@ def measure(path: Path, *, k_core: int, cache_dir: Path | None) -> dict[str, flo
         "k_core_iterations": meta["k_core_iterations"],
         "wall_s": round(wall, 1),
         "peak_rss_mib": round(peak_rss_mib(), 1),
+        "peak_anonymous_rss_mib": None
+        if anonymous.peak_mib is None
+        else round(anonymous.peak_mib, 1),
         "polars": pl.__version__,
         "threads": pl.thread_pool_size(),
     }

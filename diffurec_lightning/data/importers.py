@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 
 from diffurec_lightning.data import preprocess as pp
@@ -33,6 +34,11 @@ SUFFIX_FORMATS = {
 DEFAULT_SEPARATORS = {"csv": ",", "tsv": "\t", "recbole": "\t", "movielens": "::"}
 MOVIELENS_COLUMNS = ("user_id", "item_id", "rating", "timestamp")
 TIME_SAMPLE_ROWS = 1000  # rows read up front to decide how the time column is parsed
+IDS_PER_SLICE = 250_000  # ids per group-by pass: bounds the per-id hash tables (~100 MB)
+SORT_CHUNK_ROWS = 1_000_000  # interactions sorted at once (~50 MB of keys)
+MAX_PARTS = 64  # each open partition buffers a few MB while the rows are split by user
+HASH_ATTEMPTS = 3
+TEMP_COMPRESSION = "lz4"  # intermediate files: written once, read often; zstd costs more CPU
 _LINE_SEPARATOR = "\x1f"  # ASCII unit separator: absent from text files, so a line is one field
 
 
@@ -123,7 +129,10 @@ def scan_raw(path: Path, format: str, separator: str | None) -> pl.LazyFrame:
 
 def _read_error(path: Path, format: str, error: Exception) -> DataError:
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return DataError(f"{path}: cannot read it as a {format} file ({first_line}); check data.format")
+    return DataError(
+        f"{path}: cannot read it as a {format} file ({first_line}); check data.format and "
+        "data.separator (text files must be UTF-8)"
+    )
 
 
 def check_columns(
@@ -138,6 +147,8 @@ def check_columns(
     if missing:
         keys = ", ".join(f"data.{key}={col!r}" for key, col in missing.items())
         hint = " (or data.time_col=null to keep file order)" if "time_col" in missing else ""
+        if len(present) == 1:
+            hint += "; only one column was found, so data.separator may be wrong"
         raise DataError(
             f"{path}: column(s) {sorted(set(missing.values()))} not found; the file has {present}; "
             f"fix {keys}{hint}"
@@ -156,7 +167,10 @@ def _describe_problem(path: Path, row: dict, columns: dict[str, str | None]) -> 
     where = f"data row {row[pp.ROW] + 1}"
     for key, name in (("user_col", pp.USER), ("item_col", pp.ITEM)):
         if row[name] is None:
-            return f"{path}: empty {columns[key]!r} in {where}; every row needs one (check data.separator)"
+            return (
+                f"{path}: empty {columns[key]!r} in {where}; every row needs one "
+                "(check data.separator)"
+            )
     if row.get(pp.BAD_TIME) is not None:
         return (
             f"{path}: cannot parse {row[pp.BAD_TIME]!r} in column {columns['time_col']!r} ({where}) "
@@ -169,7 +183,7 @@ def _describe_problem(path: Path, row: dict, columns: dict[str, str | None]) -> 
 
 
 def _stage_interactions(
-    path: Path, format: str, raw: pl.LazyFrame, columns: dict[str, str | None], out: Path
+    path: Path, format: str, raw: pl.LazyFrame, columns: dict[str, str | None], out: Path, seed: int
 ) -> pl.LazyFrame:
     """Stream the raw file once into a typed parquet file and check every value on the way."""
     time_col = columns["time_col"]
@@ -178,7 +192,8 @@ def _stage_interactions(
         if time_col is not None:
             sample = raw.select(time_col).head(TIME_SAMPLE_ROWS).collect().to_series()
             time_kind = pp.infer_time_kind(sample, time_col, str(path))
-        pp.select_interactions(raw, **columns, time_kind=time_kind).sink_parquet(out)
+        staging = pp.select_interactions(raw, **columns, time_kind=time_kind, seed=seed)
+        staging.sink_parquet(out, compression=TEMP_COMPRESSION)
         staged = pl.scan_parquet(out)
         problem = pp.first_problem(staged).collect(engine="streaming")
     except pl.exceptions.PolarsError as error:
@@ -188,11 +203,7 @@ def _stage_interactions(
     return staged
 
 
-def _filter_core(path: Path, interactions: pl.LazyFrame, k_core: int) -> pp.KCore:
-    # Leave-one-out needs 3 items per user, so users are held to that even when k-core is off;
-    # doing it inside the loop keeps the item counts consistent with the users that remain.
-    user_min = max(k_core, MIN_SEQUENCE_LENGTH)
-    core = pp.iterative_kcore(interactions, user_min=user_min, item_min=max(k_core, 1))
+def _check_core(path: Path, core: pp.KCore, k_core: int) -> None:
     if core.input_interactions == 0:
         raise DataError(f"{path}: no interactions to import; check the file and data.min_rating")
     if core.users.height == 0:
@@ -204,19 +215,95 @@ def _filter_core(path: Path, interactions: pl.LazyFrame, k_core: int) -> pp.KCor
             f"{path}: no users left {reason} (the input had {core.input_interactions} "
             f"interactions of {core.input_users} users and {core.input_items} items)"
         )
-    return core
+
+
+def _stage_and_filter(
+    path: Path,
+    format: str,
+    raw: pl.LazyFrame,
+    columns: dict[str, str | None],
+    work: Path,
+    *,
+    min_rating: float | None,
+    k_core: int,
+) -> tuple[pl.LazyFrame, pl.LazyFrame, pp.KCore]:
+    """(all staged rows, the rows kept by the rating filter, the k-core of the latter).
+
+    Two different ids sharing a 64-bit key is very unlikely (about 3 in 10^8 with a million
+    ids); when it happens, staging again with other hash seeds gives distinct keys.
+    """
+    for seed in range(0, 4 * HASH_ATTEMPTS, 4):  # each attempt uses seeds seed..seed+3
+        out = work / f"staged-{seed}.parquet"
+        staged = _stage_interactions(path, format, raw, columns, out, seed)
+        interactions = pp.implicit_feedback(staged, min_rating)
+        # Leave-one-out needs 3 items per user, so users are held to that even when k-core is
+        # off; doing it inside the loop keeps item counts consistent with the remaining users.
+        core = pp.iterative_kcore(
+            interactions,
+            user_min=max(k_core, MIN_SEQUENCE_LENGTH),
+            item_min=max(k_core, 1),
+            user_slices=pp.num_slices(interactions, pp.USER_KEY, IDS_PER_SLICE),
+            item_slices=pp.num_slices(interactions, pp.ITEM_KEY, IDS_PER_SLICE),
+        )
+        if not core.key_collision:
+            _check_core(path, core, k_core)
+            return staged, interactions, core
+    raise DataError(
+        f"{path}: ids kept colliding in {HASH_ATTEMPTS} hash attempts; please report this"
+    )
+
+
+def _original_ids(staged: pl.LazyFrame, table: pl.DataFrame, column: str) -> pl.Series:
+    """The id text of each row of `table` (users or items), read at its first kept row."""
+    first_rows = table[pp.FIRST_ROW].implode()
+    found = staged.select(pp.ROW, column).filter(pl.col(pp.ROW).is_in(first_rows))
+    found = found.collect(engine="streaming").sort(pp.ROW)
+    return found[column]  # `table` is sorted by FIRST_ROW too, so the rows line up
+
+
+def _sorted_item_codes(
+    interactions: pl.LazyFrame, users: pl.DataFrame, items: pl.DataFrame, work: Path
+) -> np.ndarray:
+    """All kept item codes in final order, sorting one partition of the users at a time.
+
+    One streaming pass splits the rows by user into partitions of about SORT_CHUNK_ROWS rows;
+    each partition is then sorted in memory and its rows are placed at their users' offsets.
+    """
+    offsets = np.zeros(users.height + 1, dtype=np.int64)
+    np.cumsum(users[pp.COUNT].to_numpy(), out=offsets[1:])
+    parts = pp.num_parts(int(offsets[-1]), SORT_CHUNK_ROWS, MAX_PARTS)
+    has_time = pp.TIME in interactions.collect_schema().names()
+    columns = [pp.USER_KEY, pp.ITEM_KEY, *([pp.TIME] if has_time else []), pp.ROW]
+    target = pl.PartitionBy(work / "by_user", key=pp.user_part(parts))
+    interactions.select(columns).sink_parquet(target, compression=TEMP_COMPRESSION, mkdir=True)
+    by_user = pl.scan_parquet(work / "by_user", hive_partitioning=True)
+
+    codes = np.empty(int(offsets[-1]), dtype=np.int32)
+    placed = 0
+    for part in range(parts):
+        part_users = users.filter(pp.user_part(parts) == part)
+        # The in-memory engine sorts a partition with about half the memory of the streaming one.
+        rows = pp.chronological(
+            by_user.filter(pl.col(pp.PART) == part), part_users, items
+        ).collect()
+        positions = pp.flat_positions(rows[pp.USER_INDEX].to_numpy(), offsets)
+        codes[positions] = rows[pp.ITEM_CODE].to_numpy()
+        placed += rows.height
+    if placed != len(codes):  # the k-core counts and the rows found must agree
+        raise RuntimeError(f"sorted {placed} interactions, expected {len(codes)}")
+    return codes
 
 
 def _build_sequences(
-    interactions: pl.LazyFrame, core: pp.KCore, *, has_time: bool
+    staged: pl.LazyFrame, interactions: pl.LazyFrame, core: pp.KCore, work: Path
 ) -> tuple[pl.DataFrame, pl.Series, pl.Series]:
     """Sequences plus the original user and item ids in index order."""
     users, items = pp.user_index(core.users), pp.item_codes(core.items)
-    stream = pp.chronological(interactions, users, items, has_time=has_time)
-    rows = stream.collect(engine="streaming")
-    item_ids, order = pp.renumber_items(rows[pp.ITEM_CODE], items.height)
-    sequences = pp.to_sequences(rows[pp.USER_INDEX], item_ids)
-    return sequences, users[pp.USER], items[pp.ITEM].gather(order)
+    item_ids = _sorted_item_codes(interactions, users, items, work)
+    order = pp.renumber_items(item_ids, items.height)  # in place: codes become ids
+    user_names = _original_ids(staged, users, pp.USER)
+    item_names = _original_ids(staged, items, pp.ITEM).gather(order)
+    return pp.to_sequences(item_ids, users[pp.COUNT].to_numpy()), user_names, item_names
 
 
 def _check_arguments(
@@ -270,12 +357,10 @@ def import_interactions(
     cache_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.import-", dir=cache_dir.parent))
     try:
-        staged = _stage_interactions(path, format, raw, columns, work / "interactions.parquet")
-        interactions = pp.implicit_feedback(staged, min_rating)
-        core = _filter_core(path, interactions, k_core)
-        sequences, user_ids, item_ids = _build_sequences(
-            interactions, core, has_time=time_col is not None
+        staged, interactions, core = _stage_and_filter(
+            path, format, raw, columns, work, min_rating=min_rating, k_core=k_core
         )
+        sequences, user_ids, item_ids = _build_sequences(staged, interactions, core, work)
         num_raw_rows = staged.select(pl.len()).collect().item()
     finally:
         shutil.rmtree(work, ignore_errors=True)

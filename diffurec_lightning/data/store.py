@@ -121,6 +121,7 @@ def write_cache(
 
     cache_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.tmp-", dir=cache_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary shared folder
     try:
         sequences.write_parquet(tmp / "sequences.parquet")
         pl.DataFrame(
