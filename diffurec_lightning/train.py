@@ -19,7 +19,7 @@ import hydra
 import lightning as L
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffurec_lightning.errors import DiffuRecError
 
@@ -45,7 +45,10 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     try:
         datamodule = instantiate(cfg.data)
         datamodule.prepare_data()
-        model = instantiate(cfg.model, num_items=datamodule.num_items)
+        # The item count is a fact of the data: record it in the config that runs log and save.
+        with open_dict(cfg):
+            cfg.model.num_items = datamodule.num_items
+        model = instantiate(cfg.model)
         trainer = instantiate(
             cfg.trainer,
             logger=instantiate_group(cfg.get("logger")) or False,
