@@ -63,6 +63,10 @@ class UserNoise:
     as long as the same calls are made in the same order. Draws happen on the CPU (one
     torch.Generator per user) into one flat buffer, which is moved to `device` and laid out there
     with one index operation.
+
+    ``prefetch`` draws the rows of many later calls at once (one generator call per user instead
+    of one per user and call); the values are the same, because PyTorch fills float32 normals in
+    blocks of 16 uniforms, so a stream cut into pieces of whole blocks reads the same in one piece.
     """
 
     def __init__(self, seed: int, users: Tensor, device: torch.device | str) -> None:
@@ -70,6 +74,11 @@ class UserNoise:
         self._generators = [
             torch.Generator().manual_seed(user_seed(seed, user)) for user in users.tolist()
         ]
+        # Prefetched rows (users back to back, then one zero row for padding) on `device`, and
+        # per user the next unread row and the end of its rows.
+        self._rows: Tensor | None = None
+        self._next: Tensor | None = None
+        self._end: Tensor | None = None
 
     def _fill(self, counts: list[int], dim: int) -> Tensor:
         """counts[b] * dim normals from user b's stream, users back to back: (sum(counts) * dim,)."""
@@ -81,8 +90,46 @@ class UserNoise:
             start = end
         return flat
 
+    @staticmethod
+    def can_prefetch(dim: int) -> bool:
+        """Whether prefetched rows of width `dim` equal the rows drawn call by call."""
+        return dim % 16 == 0
+
+    def prefetch(self, num_rows: Tensor, dim: int) -> None:
+        """Draw the next num_rows[b] rows of `dim` normals of user b's stream now; the following
+        ``rows``/``vectors`` calls (same `dim`) read them in stream order instead of drawing.
+
+        Only when ``can_prefetch(dim)`` (otherwise a no-op: calls keep drawing), and only once the
+        previously prefetched rows are all read.
+        """
+        if not self.can_prefetch(dim):
+            return
+        if self._rows is not None and bool((self._next < self._end).any()):
+            raise RuntimeError("prefetch called before the prefetched rows were all read")
+        counts = num_rows.to("cpu", torch.long)
+        if len(counts) != len(self._generators) or bool((counts < 0).any()):
+            raise ValueError(f"num_rows must hold {len(self._generators)} counts >= 0")
+        flat = self._fill(counts.tolist(), dim).view(-1, dim)
+        self._rows = torch.cat([flat, flat.new_zeros(1, dim)]).to(self.device)  # (R + 1, dim)
+        ends = torch.cumsum(counts, 0)
+        self._next, self._end = (ends - counts).to(self.device), ends.to(self.device)
+
+    def _prefetched(self, counts: Tensor, dim: int) -> bool:
+        if self._rows is None or self._rows.shape[1] != dim:
+            return False
+        if bool((self._next + counts > self._end).any()):
+            if bool((self._next < self._end).any()):
+                raise RuntimeError("a call asks for more rows than were prefetched")
+            return False  # everything read: draw directly again
+        return True
+
     def vectors(self, dim: int) -> Tensor:
         """The next `dim` normals of every user's stream: (B, dim)."""
+        ones = torch.ones(len(self._generators), dtype=torch.long, device=self.device)
+        if self._prefetched(ones, dim):
+            out = self._rows[self._next]
+            self._next = self._next + 1
+            return out
         flat = self._fill([1] * len(self._generators), dim)
         return flat.view(len(self._generators), dim).to(self.device)
 
@@ -99,6 +146,16 @@ class UserNoise:
             )
         if any(not 0 <= count <= max_rows for count in counts):
             raise ValueError(f"num_rows must lie in 0..{max_rows}, got {counts}")
+        need = num_rows.to(self.device, torch.long)
+        if self._prefetched(need, dim):
+            # Slot (b, c) reads row next[b] + c - (max_rows - need[b]), or the zero row if padding.
+            cols = torch.arange(max_rows, device=self.device)[None, :]  # (1, max_rows)
+            first = (max_rows - need)[:, None]  # (B, 1)
+            index = torch.where(
+                cols >= first, self._next[:, None] + cols - first, len(self._rows) - 1
+            )
+            self._next = self._next + need
+            return self._rows[index]  # (B, max_rows, dim)
         flat = self._fill(counts, dim).view(-1, dim)  # (sum(num_rows), dim)
         index = _padded_row_index(num_rows.to("cpu", torch.long), max_rows)  # (sum(num_rows),)
         out = torch.zeros(len(counts) * max_rows, dim, device=self.device)

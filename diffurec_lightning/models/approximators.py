@@ -13,8 +13,10 @@ from torch import nn
 
 from diffurec_lightning.models.layers import (
     CrossAttentionBlock,
+    Dropout,
     SelfAttentionBlock,
     StepEmbedding,
+    additive_mask,
     key_padding_bias,
     xavier_init,
 )
@@ -28,7 +30,7 @@ class Approximator(nn.Module):
     ) -> None:
         super().__init__()
         self.step_embedding = StepEmbedding(hidden_size, num_steps)
-        self.out_dropout = nn.Dropout(dropout)
+        self.out_dropout = Dropout(dropout)
         self.out_norm = nn.LayerNorm(hidden_size)
         self.num_blocks = num_blocks
 
@@ -66,7 +68,7 @@ class DiffuRecApproximator(Approximator):
         t: torch.Tensor,
         lam: torch.Tensor,
     ) -> torch.Tensor:
-        attn_mask = key_padding_bias(mask)
+        attn_mask = additive_mask(key_padding_bias(mask))
         h = seq_emb + self.condition(x_t, t, lam)  # (B, L, d)
         last = len(self.blocks) - 1
         for index, block in enumerate(self.blocks):
@@ -108,8 +110,11 @@ class CrossAttentionApproximator(Approximator):
         lam: torch.Tensor,
         cache: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        attn_mask = key_padding_bias(mask)
+        attn_mask = additive_mask(key_padding_bias(mask))
         condition = self.condition(x_t, t, lam)  # (B, L, d)
+        # Every block's cross-attention queries read the same condition: one product for all.
+        first = self.blocks[0].cross
+        queries = first.project(condition, *(block.cross.query for block in self.blocks))
         h = seq_emb
         last = len(self.blocks) - 1
         for index, block in enumerate(self.blocks):
@@ -119,6 +124,7 @@ class CrossAttentionApproximator(Approximator):
                 attn_mask,
                 last_only=index == last,
                 cross_kv=cache if index == 0 else None,
+                cross_query=queries[index],
             )
         return self.finish(h)
 

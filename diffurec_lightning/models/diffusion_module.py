@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from diffurec_lightning.diffusion.gaussian import GaussianDiffusion
 from diffurec_lightning.diffusion.noise import UserNoise, offset_noise
@@ -18,10 +17,12 @@ from diffurec_lightning.diffusion.timesteps import make_timestep_sampler
 from diffurec_lightning.errors import ConfigError
 from diffurec_lightning.models.approximators import make_approximator
 from diffurec_lightning.models.base import Batch, RecommenderModule, require
-from diffurec_lightning.models.embedding import ItemEmbedding
+from diffurec_lightning.models.embedding import ItemEmbedding, cross_entropy
 
 # Distinct ensemble members must draw distinct noise streams for the same user.
 _ENSEMBLE_SEED_STRIDE = 1_000_003
+# Evaluation noise drawn ahead per batch: at most this many float32 values (64 MB) at a time.
+_PREFETCH_VALUES = 1 << 24
 
 
 class DiffusionRecModule(RecommenderModule):
@@ -110,7 +111,7 @@ class DiffusionRecModule(RecommenderModule):
         lam = delta + delta * torch.randn_like(seq_emb)  # lambda ~ N(delta, delta), per call
         x_start_pred = self.approximator(seq_emb, mask, x_t, t, lam)
         scores = self.items.scores(x_start_pred)  # (B, N)
-        losses = F.cross_entropy(scores.float(), target - 1, reduction="none")
+        losses = cross_entropy(scores.float(), target - 1)
         self.timesteps.update(t, losses.detach())  # the loss-aware sampler learns from these
         loss = (losses * weights).mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=len(target))
@@ -121,7 +122,8 @@ class DiffusionRecModule(RecommenderModule):
         """Run the reverse process for one ensemble member; return x0 (B, d).
 
         All noise comes from per-user streams seeded by (eval_seed, member, user), drawn in a
-        fixed order, so a user's result never depends on the batch it is in.
+        fixed order, so a user's result never depends on the batch it is in. The order per user:
+        x_T, then for every step its lambda rows and (except the last step) its step noise.
         """
         diffusion = diffusion or self.diffusion
         seq = batch["seq"]
@@ -135,8 +137,18 @@ class DiffusionRecModule(RecommenderModule):
         lengths = mask.sum(1)
         width, dim = seq.shape[1], seq_emb.shape[-1]
         delta = self.hparams.delta
+        num_steps = diffusion.num_steps
+        # Draw the noise of several steps per generator call, within a memory budget.
+        chunk = max(1, _PREFETCH_VALUES // max(1, len(seq) * (width + 1) * dim))
+        calls = 0
 
         def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            nonlocal calls
+            if calls % chunk == 0:
+                steps = min(chunk, num_steps - calls)
+                step_noise = steps - (calls + steps == num_steps)  # the last step draws none
+                noise.prefetch(lengths * steps + step_noise, dim)
+            calls += 1
             lam = delta + delta * noise.rows(lengths, width, dim).to(seq_emb.dtype)
             return self.approximator(seq_emb, mask, x_t, t, lam, **extra)
 

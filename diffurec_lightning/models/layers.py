@@ -3,15 +3,54 @@
 Shape legend: B batch, L history length, Q query length, d hidden size, H heads.
 ``mask`` is a (B, L) bool tensor, True where the history holds a real item; padded positions
 are never attended to as keys (their own outputs are computed but never read).
+
+Speed notes (docs/performance.md): projections that read the same input run as one matrix
+product (Q/K/V, K/V); dropout draws one float32 uniform per element instead of bernoulli_'s
+double (which is drawn serially on CPUs where PyTorch does not use MKL's vector generator);
+attention runs through scaled_dot_product_attention except when its probabilities need dropout.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def uniform(shape: torch.Size, device: torch.device) -> torch.Tensor:
+    """float32 U[0, 1) values with 24 random bits each, reproducible under torch.manual_seed.
+
+    On the CPU they come from NumPy's PCG64, seeded by one draw from torch's generator: it fills
+    about twice as fast as torch.rand, whose CPU kernel steps mt19937 serially, element by element.
+    """
+    if device.type != "cpu":
+        return torch.rand(shape, device=device)
+    seed = int(torch.randint(0, 2**62, (1,)))
+    values = np.random.default_rng(seed).random(math.prod(shape), dtype=np.float32)
+    return torch.from_numpy(values).view(shape)
+
+
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Inverted dropout: zero each element with probability p, scale the rest by 1 / (1 - p).
+
+    The mask comes from float32 uniforms (24 random bits per element, so P(drop) equals p up to
+    2^-24, whatever the dtype of x): the distribution of F.dropout, whose CPU bernoulli_ spends
+    twice the random bits and, off Intel CPUs, draws them serially.
+    """
+    if not training or p == 0.0:
+        return x
+    keep = uniform(x.shape, x.device).ge_(p).mul_(1.0 / (1.0 - p))
+    return x * keep.to(x.dtype)
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout (same arguments and state) with the cheaper mask of ``dropout``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -33,6 +72,7 @@ class StepEmbedding(nn.Module):
     def __init__(self, hidden_size: int, num_steps: int) -> None:
         super().__init__()
         self.hidden_size = hidden_size
+        self.num_steps = num_steps
         self.scale = 1000.0 / num_steps
         self.mlp = nn.Sequential(
             nn.Linear(hidden_size, 4 * hidden_size),
@@ -41,12 +81,50 @@ class StepEmbedding(nn.Module):
         )
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(sinusoidal_embedding(t * self.scale, self.hidden_size))
+        if t.dtype.is_floating_point or len(t) <= self.num_steps:
+            return self.mlp(sinusoidal_embedding(t * self.scale, self.hidden_size))
+        # A batch holds at most T distinct steps: embed each step once and look the rows up.
+        steps = torch.arange(self.num_steps, device=t.device)
+        return self.mlp(sinusoidal_embedding(steps * self.scale, self.hidden_size))[t]
 
 
 def key_padding_bias(mask: torch.Tensor) -> torch.Tensor:
     """(B, L) bool -> (B, 1, 1, L) bool attention mask for SDPA (True = may attend)."""
     return mask[:, None, None, :]
+
+
+def additive_mask(attn_mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A bool mask (True = may attend) as an additive bias (0 or -inf); float masks pass through.
+
+    Converting once per forward pass spares every attention call its own conversion.
+    """
+    if attn_mask.dtype != torch.bool:
+        return attn_mask
+    return torch.zeros(attn_mask.shape, dtype=dtype, device=attn_mask.device).masked_fill_(
+        ~attn_mask, float("-inf")
+    )
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor,
+    dropout_p: float,
+    training: bool,
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d/H) + mask) v with dropout on the probabilities in training.
+
+    Without dropout this is scaled_dot_product_attention (fused kernels); with dropout the
+    products are written out, since SDPA on CPU falls back to them anyway and its dropout would
+    use the slow generator. q (B, H, Q, d/H), k and v (B, H, L, d/H) -> (B, H, Q, d/H).
+    """
+    if not training or dropout_p == 0.0:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    scores = torch.matmul(q, k.transpose(-2, -1)).mul_(q.shape[-1] ** -0.5)  # (B, H, Q, L)
+    scores = scores + additive_mask(attn_mask, scores.dtype)
+    probs = dropout(torch.softmax(scores, dim=-1), dropout_p, training)
+    return torch.matmul(probs, v)
 
 
 class MultiHeadAttention(nn.Module):
@@ -67,27 +145,40 @@ class MultiHeadAttention(nn.Module):
         b, n, d = x.shape
         return x.view(b, n, self.num_heads, d // self.num_heads).transpose(1, 2)  # (B, H, n, d/H)
 
+    def project(self, x: torch.Tensor, *layers: nn.Linear) -> list[torch.Tensor]:
+        """x through several of the projections in ONE matrix product, split into heads."""
+        if len(layers) == 1:
+            return [self._heads(layers[0](x))]
+        weight = torch.cat([layer.weight for layer in layers])  # (k d, d)
+        bias = torch.cat([layer.bias for layer in layers])
+        return [self._heads(part) for part in F.linear(x, weight, bias).chunk(len(layers), -1)]
+
     def keys_values(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Projected keys and values; callers may compute them once and reuse them."""
-        return self._heads(self.key(context)), self._heads(self.value(context))
+        keys, values = self.project(context, self.key, self.value)
+        return keys, values
 
     def attend(
         self,
-        query: torch.Tensor,
+        query: torch.Tensor | None,
         keys: torch.Tensor,
         values: torch.Tensor,
         attn_mask: torch.Tensor,
+        projected: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        q = self._heads(self.query(query))  # (B, H, Q, d/H)
-        attended = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
-        )  # (B, H, Q, d/H)
+        """Attention of ``query`` (B, Q, d) over projected keys/values; ``projected`` may carry
+        the query already projected and split into heads (B, H, Q, d/H)."""
+        q = projected if projected is not None else self._heads(self.query(query))
+        attended = attention(q, keys, values, attn_mask, self.dropout, self.training)
         b, _, n, _ = attended.shape
         return self.out(attended.transpose(1, 2).reshape(b, n, -1))  # (B, Q, d)
 
     def forward(
         self, query: torch.Tensor, context: torch.Tensor, attn_mask: torch.Tensor
     ) -> torch.Tensor:
+        if query is context:  # self-attention: Q, K and V in one product
+            q, keys, values = self.project(query, self.query, self.key, self.value)
+            return self.attend(None, keys, values, attn_mask, projected=q)
         keys, values = self.keys_values(context)
         return self.attend(query, keys, values, attn_mask)
 
@@ -99,7 +190,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.up = nn.Linear(hidden_size, 4 * hidden_size)
         self.down = nn.Linear(4 * hidden_size, hidden_size)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(self.dropout(F.gelu(self.up(x))))
@@ -114,7 +205,7 @@ class SelfAttentionBlock(nn.Module):
         self.attn = MultiHeadAttention(hidden_size, num_heads, dropout)
         self.ffn_norm = nn.LayerNorm(hidden_size)
         self.ffn = FeedForward(hidden_size, dropout)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(
         self, h: torch.Tensor, attn_mask: torch.Tensor, last_only: bool = False
@@ -140,7 +231,7 @@ class CrossAttentionBlock(nn.Module):
         self.cross_norm = nn.LayerNorm(hidden_size)
         self.cross = MultiHeadAttention(hidden_size, num_heads, dropout)
         self.block = SelfAttentionBlock(hidden_size, num_heads, dropout)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(
         self,
@@ -149,13 +240,17 @@ class CrossAttentionBlock(nn.Module):
         attn_mask: torch.Tensor,
         last_only: bool = False,
         cross_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cross_query: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``cross_kv`` may carry precomputed keys/values of ``cross_norm(h)`` (step-independent
-        for the first block, so the reverse loop computes them once per batch)."""
+        for the first block, so the reverse loop computes them once per batch); ``cross_query``
+        the projected queries of ``condition`` (B, H, L, d/H), which the approximator computes
+        for all blocks in one product."""
         keys, values = (
             cross_kv if cross_kv is not None else self.cross.keys_values(self.cross_norm(h))
         )
-        h = h + self.dropout(self.cross.attend(condition, keys, values, attn_mask))
+        attended = self.cross.attend(condition, keys, values, attn_mask, projected=cross_query)
+        h = h + self.dropout(attended)
         return self.block(h, attn_mask, last_only=last_only)
 
 

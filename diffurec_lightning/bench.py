@@ -1,0 +1,427 @@
+"""Throughput benchmark: ``python -m diffurec_lightning.bench data=toys model=diffurecsys``.
+
+At the reference configuration (max_len 50, batch 512, hidden 128, 4 blocks, T 32; config
+overrides may change it) it measures, for fp32 and bf16-mixed:
+
+* training throughput (samples/s) and useful FLOP/s (diffurec_lightning.flops) as a share of the
+  matrix-multiply peak measured here, on this machine, in the same process setup;
+* evaluation throughput (users/s for the full reverse process plus ranking);
+* the padding fraction of the batches and the peak resident memory.
+
+Every measurement runs in a fresh child process, so peak memory belongs to that measurement alone
+and the allocator environment (MALLOC_*) can differ between runs. Batches are picked at evenly
+spaced quantiles of their padded width, so a few steps represent a whole epoch. Options are
+``bench.<key>=<value>`` arguments (see BenchOptions); everything else is a config override.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from diffurec_lightning.errors import ConfigError, DiffuRecError
+
+REFERENCE = [
+    "data.max_len=50",
+    "data.batch_size=512",
+    "data.eval_batch_size=512",
+    "model.hidden_size=128",
+    "model.num_blocks=4",
+    "model.num_steps=32",
+]
+ALLOCATOR_KEYS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+PRECISIONS = {"fp32": None, "bf16-mixed": torch.bfloat16}
+PEAK_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclasses.dataclass
+class BenchOptions:
+    """``bench.<key>=<value>`` on the command line."""
+
+    warmup_steps: int = 2  # training steps run before timing (same batches, untimed)
+    train_steps: int = 6  # timed training steps
+    eval_batches: int = 4  # timed validation batches (0 = the whole validation split)
+    threads: int = 0  # torch threads in the measuring processes (0 = torch's default)
+    precisions: str = "fp32,bf16-mixed"  # comma-separated, from PRECISIONS
+    allocator: str = "env"  # env = as inherited | both = also with MALLOC_* removed
+    device: str = "cpu"  # cpu | cuda
+    profile: int = 0  # > 0: also print the top ops of the timed steps (torch.profiler), this many
+    json: str = ""  # also write the results to this file
+
+    @classmethod
+    def parse(cls, args: list[str]) -> tuple[BenchOptions, list[str]]:
+        options, overrides = cls(), []
+        fields = {field.name: field.type for field in dataclasses.fields(cls)}
+        for arg in args:
+            if not arg.startswith("bench."):
+                overrides.append(arg)
+                continue
+            key, _, value = arg[len("bench.") :].partition("=")
+            if key not in fields:
+                raise ConfigError(f"unknown option bench.{key}; known: {', '.join(fields)}")
+            setattr(options, key, int(value) if fields[key] in (int, "int") else value)
+        for name in options.precision_list():
+            if name not in PRECISIONS:
+                raise ConfigError(f"bench.precisions: unknown '{name}'; use {list(PRECISIONS)}")
+        if options.allocator not in ("env", "both"):
+            raise ConfigError(f"bench.allocator must be env or both, got '{options.allocator}'")
+        return options, overrides
+
+    def precision_list(self) -> list[str]:
+        return [name.strip() for name in self.precisions.split(",") if name.strip()]
+
+
+# -- measurements (each runs in its own child process) -------------------------------------------
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(dtype: torch.dtype, device: torch.device, budget_s: float = 1.0) -> float:
+    """Best FLOP/s of square matrix products, growing the size while one product stays cheap."""
+    best = 0.0
+    generator = torch.Generator(device=device).manual_seed(0)
+    for size in (256, 512, 1024, 2048, 4096):
+        a = torch.randn(size, size, device=device, generator=generator).to(dtype)
+        b = torch.randn(size, size, device=device, generator=generator).to(dtype)
+        a @ b  # warm-up: kernel selection and allocation
+        _sync(device)
+        calls, started = 0, time.perf_counter()
+        while calls < 3 or time.perf_counter() - started < budget_s:
+            a @ b
+            calls += 1
+            _sync(device)
+        elapsed = time.perf_counter() - started
+        best = max(best, 2.0 * size**3 * calls / elapsed)
+        if elapsed / calls > budget_s / 4:  # bigger products would only cost time
+            break
+    return best
+
+
+def _setup(overrides: list[str], device: torch.device) -> tuple[Any, Any, Any]:
+    from hydra.utils import instantiate
+
+    from diffurec_lightning.config import compose_config
+
+    cfg = compose_config([*REFERENCE, *overrides, "logger=csv"])
+    datamodule = instantiate(cfg.data)
+    datamodule.setup()
+    torch.manual_seed(cfg.seed)
+    model = instantiate(cfg.model, num_items=datamodule.num_items).to(device)
+    return cfg, datamodule, model
+
+
+def quantile_batches(batches: list[np.ndarray], lengths: np.ndarray, count: int) -> list:
+    """`count` batches at evenly spaced quantiles of padded width (all of them if count <= 0)."""
+    if count <= 0 or count >= len(batches):
+        return list(batches)
+    widths = np.array([lengths[batch].max() for batch in batches])
+    order = np.argsort(widths, kind="stable")
+    picks = ((np.arange(count) + 0.5) * len(batches) / count).astype(int)
+    return [batches[order[i]] for i in picks]
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {key: value.to(device) for key, value in batch.items()}
+
+
+def _useful(kind: str, model: Any, lengths: torch.Tensor) -> float | None:
+    from diffurec_lightning import flops
+
+    hp = model.hparams
+    approximator = hp.get("approximator")
+    if approximator not in flops.BLOCK_FLOPS:
+        return None  # no formula for this model: FLOP columns stay empty
+    args = (approximator, lengths, hp.hidden_size, hp.num_blocks, hp.num_items)
+    if kind == "train":
+        return flops.training_flops(*args)
+    return flops.evaluation_flops(*args, hp.num_steps)
+
+
+def _profiler(job: dict[str, Any]) -> Any:
+    if not job["profile"]:
+        return contextlib.nullcontext()
+    return torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+
+
+def _top_ops(prof: Any, job: dict[str, Any]) -> str:
+    if prof is None:
+        return ""
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=job["profile"])
+    return table
+
+
+def measure_train(job: dict[str, Any]) -> dict[str, Any]:
+    device = torch.device(job["device"])
+    cfg, datamodule, model = _setup(job["overrides"], device)
+    dataset = datamodule.dataset("train")
+    sampler = datamodule.train_batch_sampler()
+    picked = quantile_batches(sampler.global_batches(), dataset.lengths, job["train_steps"])
+    optimizer = model.configure_optimizers()["optimizer"]
+    dtype = PRECISIONS[job["precision"]]
+    model.train()
+
+    def step(index: list[int]) -> tuple[int, float | None]:
+        batch = _to(dataset.__getitems__(index), device)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = model.training_step(batch, 0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return len(index), _useful("train", model, (batch["seq"] > 0).sum(1).cpu())
+
+    for batch in picked[: job["warmup_steps"]]:
+        step(batch.tolist())
+    _sync(device)
+    with _profiler(job) as prof:
+        samples, useful, started = 0, 0.0, time.perf_counter()
+        for batch in picked:
+            count, work = step(batch.tolist())
+            samples += count
+            useful = useful + work if work is not None else None
+        _sync(device)
+        elapsed = time.perf_counter() - started
+    return {
+        "profile": _top_ops(prof, job),
+        "samples_per_s": samples / elapsed,
+        "useful_flops_per_s": useful / elapsed if useful is not None else None,
+        "epoch_s": len(dataset) / (samples / elapsed),
+        "num_samples": len(dataset),
+        "padding_fraction": datamodule.padding_fraction("train"),
+        "peak_mb": peak_memory_mb(device),
+    }
+
+
+def measure_eval(job: dict[str, Any]) -> dict[str, Any]:
+    device = torch.device(job["device"])
+    cfg, datamodule, model = _setup(job["overrides"], device)
+    dataset = datamodule.dataset("val")
+    batches = datamodule.eval_batch_sampler("val").global_batches()
+    picked = quantile_batches(batches, dataset.lengths, job["eval_batches"])
+    dtype = PRECISIONS[job["precision"]]
+    model.eval()
+
+    def step(index: list[int]) -> tuple[int, float | None]:
+        batch = _to(dataset.__getitems__(index), device)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            model.validation_step(batch, 0)
+        return len(index), _useful("eval", model, (batch["seq"] > 0).sum(1).cpu())
+
+    with torch.inference_mode():
+        step(picked[len(picked) // 2][:64].tolist())  # warm-up on a small slice
+        _sync(device)
+        with _profiler(job) as prof:
+            users, useful, started = 0, 0.0, time.perf_counter()
+            for batch in picked:
+                count, work = step(batch.tolist())
+                users += count
+                useful = useful + work if work is not None else None
+            _sync(device)
+            elapsed = time.perf_counter() - started
+    return {
+        "profile": _top_ops(prof, job),
+        "users_per_s": users / elapsed,
+        "useful_flops_per_s": useful / elapsed if useful is not None else None,
+        "full_val_s": len(dataset) / (users / elapsed),
+        "num_users": len(dataset),
+        "timed_users": users,
+        "padding_fraction": datamodule.padding_fraction("val"),
+        "peak_mb": peak_memory_mb(device),
+    }
+
+
+def measure_peaks(job: dict[str, Any]) -> dict[str, Any]:
+    device = torch.device(job["device"])
+    peaks: dict[str, Any] = {
+        name: matmul_peak(dtype, device) for name, dtype in PEAK_DTYPES.items()
+    }
+    return {**peaks, "threads": torch.get_num_threads()}
+
+
+JOBS = {"train": measure_train, "eval": measure_eval, "peaks": measure_peaks}
+
+
+def run_worker(payload: str) -> None:
+    job = json.loads(payload)
+    warnings.filterwarnings("ignore", message=".*self.log.*")
+    if job["threads"] > 0:
+        torch.set_num_threads(job["threads"])
+    torch.manual_seed(0)
+    print(json.dumps(JOBS[job["kind"]](job)))
+
+
+# -- orchestration --------------------------------------------------------------------------------
+def _child(job: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
+    command = [sys.executable, "-m", "diffurec_lightning.bench", "--worker", json.dumps(job)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise DiffuRecError(f"bench {job['kind']} run failed:\n{done.stderr.strip()[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def allocator_envs(mode: str) -> dict[str, dict[str, str]]:
+    inherited = dict(os.environ)
+    settings = " ".join(f"{k}={inherited[k]}" for k in ALLOCATOR_KEYS if k in inherited)
+    envs = {settings or "glibc default": inherited}
+    if mode == "both":
+        envs["glibc default"] = {k: v for k, v in inherited.items() if k not in ALLOCATOR_KEYS}
+    return envs
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        text = cpuinfo.read_text()
+        names = [
+            line.split(":", 1)[1].strip() for line in text.splitlines() if "model name" in line
+        ]
+        cpu = names[0] if names else cpu
+        flags = next((line for line in text.splitlines() if line.startswith("flags")), "")
+        cpu += " (AVX-512)" if "avx512f" in flags else " (no AVX-512)"
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "isa": torch.backends.cpu.get_cpu_capability(),
+        "load_avg": os.getloadavg(),
+    }
+
+
+def _fmt(value: float | None, scale: float = 1.0, digits: int = 1) -> str:
+    return "-" if value is None else f"{value / scale:,.{digits}f}"
+
+
+COLUMNS = (
+    ("precision", 11),
+    ("train samples/s", 15),
+    ("useful GFLOP/s", 14),
+    ("% fp32 peak", 11),
+    ("% bf16 peak", 11),
+    ("epoch s", 8),
+    ("peak RSS MB", 11),
+    ("eval users/s", 12),
+    ("useful GFLOP/s", 14),
+    ("val pass s", 10),
+    ("peak RSS MB", 11),
+)
+
+
+def _row(precision: str, row: dict[str, Any], peaks: dict[str, float]) -> list[str]:
+    train, evaluation = row["train"], row["eval"]
+    useful = train["useful_flops_per_s"]
+    share = {k: None if useful is None else 100 * useful / peaks[k] for k in PEAK_DTYPES}
+    return [
+        precision,
+        _fmt(train["samples_per_s"]),
+        _fmt(useful, 1e9),
+        _fmt(share["fp32"]),
+        _fmt(share["bf16"]) if precision != "fp32" else "",
+        _fmt(train["epoch_s"], digits=0),
+        _fmt(train["peak_mb"], digits=0),
+        _fmt(evaluation["users_per_s"]),
+        _fmt(evaluation["useful_flops_per_s"], 1e9),
+        _fmt(evaluation["full_val_s"], digits=0),
+        _fmt(evaluation["peak_mb"], digits=0),
+    ]
+
+
+def print_report(results: dict[str, Any]) -> None:
+    info = results["machine"]
+    print(
+        f"\nmachine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, ISA {info['isa']}"
+    )
+    print(f"config:  {' '.join(results['overrides'])}")
+    options = results["options"]
+    print(
+        f"steps:   {options['warmup_steps']} warm-up + {options['train_steps']} timed training "
+        f"steps, {options['eval_batches'] or 'all'} timed validation batches (quantiles of width)"
+    )
+    print(
+        "useful FLOP: matmul work of real items only, training = 3x forward (docs/performance.md)"
+    )
+    for alloc, block in results["runs"].items():
+        peaks = block["peaks"]
+        load = " / ".join(f"{value:.2f}" for value in block["load_before"])
+        print(f"\nallocator: {alloc}   load average before: {load}")
+        print(
+            f"matmul peak: fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, "
+            f"bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s ({peaks['threads']} threads)"
+        )
+        print("  ".join(f"{name:>{width}}" for name, width in COLUMNS))
+        for precision, row in block["precisions"].items():
+            cells = _row(precision, row, peaks)
+            print("  ".join(f"{c:>{w}}" for c, (_, w) in zip(cells, COLUMNS, strict=True)))
+        first = next(iter(block["precisions"].values()))
+        print(
+            f"padding fraction: train {first['train']['padding_fraction']:.3f}, "
+            f"validation {first['eval']['padding_fraction']:.3f}; "
+            f"epoch = {first['train']['num_samples']:,} samples, "
+            f"val pass = {first['eval']['num_users']:,} users"
+        )
+        for precision, row in block["precisions"].items():
+            for kind in ("train", "eval"):
+                if row[kind]["profile"]:
+                    print(f"\ntop ops, {kind}, {precision} (timed steps; profiling slows them):")
+                    print(row[kind]["profile"])
+
+
+def main(argv: list[str]) -> dict[str, Any]:
+    options, overrides = BenchOptions.parse(argv)
+    results: dict[str, Any] = {
+        "machine": machine(),
+        "options": dataclasses.asdict(options),
+        "overrides": [*REFERENCE, *overrides],
+        "runs": {},
+    }
+    base = {"device": options.device, "overrides": overrides, **dataclasses.asdict(options)}
+    for alloc, env in allocator_envs(options.allocator).items():
+        block = {"load_before": os.getloadavg(), "precisions": {}}
+        block["peaks"] = _child({**base, "kind": "peaks"}, env)
+        for precision in options.precision_list():
+            job = {**base, "precision": precision}
+            block["precisions"][precision] = {
+                kind: _child({**job, "kind": kind}, env) for kind in ("train", "eval")
+            }
+            print(f"[{alloc}] {precision}: done", file=sys.stderr, flush=True)
+        block["load_after"] = os.getloadavg()
+        results["runs"][alloc] = block
+    print_report(results)
+    if options.json:
+        path = Path(options.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(results, indent=2))
+        os.replace(tmp, path)
+    return results
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        run_worker(sys.argv[2])
+    else:
+        try:
+            main(sys.argv[1:])
+        except DiffuRecError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)

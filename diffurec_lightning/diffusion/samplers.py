@@ -1,0 +1,91 @@
+"""Reverse-process samplers for x0-predicting networks, by name.
+
+- ``ancestral``: DDPM ancestral sampling with the posterior q(x_{t-1} | x_t, x0_hat)
+  (``GaussianDiffusion.p_sample_loop``); on a respaced process it visits only the kept steps.
+- ``skip``: DCRec's step skipping (Huang et al., arXiv 2410.21967, inference algorithm): at each
+  kept level predict x0, then jump straight to the next kept level by re-noising the prediction
+  with q(x_t' | x0_hat) instead of taking a posterior step.
+
+Both visit the same levels in the same order (``process.timestep_map`` from last to first), call
+``noise_fn(i)`` for i = T'-1 .. 1 only, and return the final x0 prediction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from .gaussian import GaussianDiffusion, evenly_spaced_steps
+
+DenoiseFn = Callable[[Tensor, Tensor], Tensor]
+NoiseFn = Callable[[int], Tensor]
+
+
+def sampling_process(diffusion: GaussianDiffusion, steps: int | None) -> GaussianDiffusion:
+    """The process a sampler runs: all T steps (steps None or T) or T' evenly spaced ones."""
+    if steps is None or steps == diffusion.num_steps:
+        return diffusion
+    return diffusion.respaced(evenly_spaced_steps(diffusion.num_steps, steps))
+
+
+def ancestral(
+    process: GaussianDiffusion,
+    denoise_fn: DenoiseFn,
+    x_T: Tensor,
+    noise_fn: NoiseFn,
+    forward_mean: Tensor | float = 0.0,
+) -> Tensor:
+    """Posterior steps x_t -> x_{t-1} with N(0, I) noise; ``forward_mean`` is not used."""
+    _, x_start_pred = process.p_sample_loop(denoise_fn, x_T, noise_fn)
+    return x_start_pred
+
+
+def skip(
+    process: GaussianDiffusion,
+    denoise_fn: DenoiseFn,
+    x_T: Tensor,
+    noise_fn: NoiseFn,
+    forward_mean: Tensor | float = 0.0,
+) -> Tensor:
+    """Predict x0 at each kept level, re-noise it to the next one: x_{i-1} ~ q(x_{i-1} | x0_hat).
+
+    The re-noising uses the forward process's noise, ``noise_fn(i) + forward_mean`` (the mean is
+    DCRec's history offset delta * K; 0 for plain Gaussian noise).
+    """
+    x_t = x_T
+    x_start_pred = x_T
+    for i in reversed(range(process.num_steps)):
+        t = torch.full((x_T.shape[0],), i, dtype=torch.long, device=x_T.device)  # (B,)
+        x_start_pred = denoise_fn(x_t, process.timestep_map[t])
+        if i > 0:
+            x_t = process.q_sample(x_start_pred, t - 1, noise_fn(i) + forward_mean)
+    return x_start_pred
+
+
+SAMPLERS: dict[str, Callable[..., Tensor]] = {"ancestral": ancestral, "skip": skip}
+
+
+def check_sampler(name: str, steps: int | None, num_steps: int) -> None:
+    """ValueError naming the problem unless (name, steps) is a valid sampler for T = num_steps."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler '{name}'; choose one of: {', '.join(SAMPLERS)}")
+    if steps is not None and not 1 <= steps <= num_steps:
+        raise ValueError(f"sampler steps must be null or in 1..{num_steps} (T), got {steps}")
+
+
+def sample(
+    name: str,
+    diffusion: GaussianDiffusion,
+    denoise_fn: DenoiseFn,
+    x_T: Tensor,
+    noise_fn: NoiseFn,
+    *,
+    steps: int | None = None,
+    forward_mean: Tensor | float = 0.0,
+) -> Tensor:
+    """Run sampler ``name`` over ``steps`` evenly spaced levels of ``diffusion``; return x0_hat."""
+    check_sampler(name, steps, diffusion.num_steps)
+    process = sampling_process(diffusion, steps)
+    return SAMPLERS[name](process, denoise_fn, x_T, noise_fn, forward_mean)

@@ -1,0 +1,99 @@
+"""Useful floating-point work of one sample: the yardstick of the benchmark.
+
+Definition (docs/performance.md): the matrix-multiply FLOPs (2 m n k per (m x k)(k x n) product)
+that the model's output depends on, for the REAL (non-padding) items of a history only:
+
+* every projection, feed-forward layer and attention product (Q K^T and A V over real keys) of
+  every block, at every real position, except the last block, whose queries, output projection and
+  feed-forward are needed at the most recent position only (its keys and values still cover every
+  real position);
+* the step-embedding MLP (once per sample) and the scores of all N items (x0_hat . E^T);
+* training = 3 x forward (backward = two products per forward product), evaluation = T
+  approximator calls + one scoring per user, with work that does not depend on the step (the
+  first cross-attention's keys and values) counted once.
+
+Padding, softmax, LayerNorm, dropout and other element-wise work are not useful FLOPs: a faster
+implementation may skip them, so they must not inflate the figure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+# Forward FLOPs of the approximator blocks for samples of `length` real items (a float tensor, so
+# a whole batch is counted at once), hidden size d and a number of blocks.
+BlockFlops = Callable[[torch.Tensor, int, int], torch.Tensor]
+
+
+def _self_attention(length: torch.Tensor, d: int, queries: torch.Tensor | int) -> torch.Tensor:
+    # Q and output projection for the queries, K and V for every real item, two attention products.
+    return 4.0 * queries * d * d + 4.0 * length * d * d + 4.0 * queries * length * d
+
+
+def _feed_forward(positions: torch.Tensor | int, d: int) -> torch.Tensor:
+    return 16.0 * positions * d * d  # d -> 4d -> d
+
+
+def _diffurec_blocks(length: torch.Tensor, d: int, num_blocks: int) -> torch.Tensor:
+    full = _self_attention(length, d, length) + _feed_forward(length, d)
+    last = _self_attention(length, d, 1) + _feed_forward(1, d)
+    return (num_blocks - 1) * full + last
+
+
+def _cross_attention_blocks(length: torch.Tensor, d: int, num_blocks: int) -> torch.Tensor:
+    # Every block's cross-attention has one query per history position (the scaled noised target).
+    cross = _self_attention(length, d, length)
+    full = cross + _self_attention(length, d, length) + _feed_forward(length, d)
+    last = cross + _self_attention(length, d, 1) + _feed_forward(1, d)
+    return (num_blocks - 1) * full + last
+
+
+BLOCK_FLOPS: dict[str, BlockFlops] = {
+    "diffurec": _diffurec_blocks,
+    "cross_attention": _cross_attention_blocks,
+}
+
+# Work of one call that does not depend on the reverse step, so the reverse process needs it once
+# per batch: the keys and values of DiffuRecSys's first cross-attention (the history alone).
+STEP_INDEPENDENT_FLOPS: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
+    "diffurec": lambda length, d: 0.0 * length,
+    "cross_attention": lambda length, d: 4.0 * length * d * d,
+}
+
+
+def approximator_flops(approximator: str, lengths: torch.Tensor, d: int, num_blocks: int) -> float:
+    """Forward FLOPs of one approximator call for every sample of a batch (lengths (B,) real)."""
+    if approximator not in BLOCK_FLOPS:
+        raise ValueError(
+            f"no FLOP formula for approximator '{approximator}'; known: {', '.join(BLOCK_FLOPS)}"
+        )
+    blocks = BLOCK_FLOPS[approximator]
+    step_mlp = 16.0 * d * d  # d -> 4d -> d, once per sample
+    length = lengths.to(torch.float64)
+    return float((blocks(length, d, num_blocks) + step_mlp).sum())
+
+
+def training_flops(
+    approximator: str, lengths: torch.Tensor, d: int, num_blocks: int, num_items: int
+) -> float:
+    """Useful FLOPs of one training step (forward + backward) on a batch."""
+    scoring = 2.0 * num_items * d * len(lengths)
+    return 3.0 * (approximator_flops(approximator, lengths, d, num_blocks) + scoring)
+
+
+def evaluation_flops(
+    approximator: str,
+    lengths: torch.Tensor,
+    d: int,
+    num_blocks: int,
+    num_items: int,
+    num_steps: int,
+) -> float:
+    """Useful FLOPs of the reverse process (num_steps calls) plus one full ranking."""
+    scoring = 2.0 * num_items * d * len(lengths)
+    once = STEP_INDEPENDENT_FLOPS[approximator]
+    cached = float(once(lengths.to(torch.float64), d).sum())
+    calls = approximator_flops(approximator, lengths, d, num_blocks)
+    return num_steps * calls - (num_steps - 1) * cached + scoring

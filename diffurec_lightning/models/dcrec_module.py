@@ -1,0 +1,261 @@
+"""DCRec (Huang et al., arXiv 2410.21967) as a LightningModule: see docs of dcrec.md.
+
+Training: the whole target sequence S0 (history shifted by one, target last) is noised, with
+noise offset towards the history prior K (implicit condition); the Dual Conditional Transformer
+reconstructs it while cross-attending to the clean history H0 (explicit condition); loss
+L_T + (1 - lambda) L_t + lambda L_z with lambda annealed per epoch. Evaluation: a sampler (all T
+ancestral steps, or T' skipped steps) from per-user reproducible noise, then the target slot of
+S0_hat is rounded through the shared item table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from diffurec_lightning.diffusion.gaussian import GaussianDiffusion
+from diffurec_lightning.diffusion.noise import UserNoise
+from diffurec_lightning.diffusion.samplers import check_sampler, sample
+from diffurec_lightning.errors import ConfigError
+from diffurec_lightning.models.base import Batch, RecommenderModule, require
+from diffurec_lightning.models.dcrec import DualConditionalTransformer
+from diffurec_lightning.models.embedding import ItemEmbedding
+
+# Distinct ensemble members draw distinct noise streams for the same user (as DiffusionRecModule).
+_ENSEMBLE_SEED_STRIDE = 1_000_003
+
+
+def diffusion_sequences(seq: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Item ids of the clean history H0 and the prior K, aligned with S0: (B, W) each.
+
+    With the history i_1..i_n (left-padded), S0 = [i_2..i_n, target] and K = [i_2..i_n, pad]
+    after one column of history; H0 = [i_1..i_n] shifted so that position j of S0 holds the item
+    after position j of H0. W = min(L + 1, max_len) keeps the window the same for a user in
+    every batch: only a full max_len history loses its oldest item from S0.
+    """
+    pad = seq.new_zeros(seq.shape[0], 1)
+    width = min(seq.shape[1] + 1, max_len)
+    history = torch.cat([pad, seq], dim=1)[:, -width:]
+    prior = torch.cat([seq, pad], dim=1)[:, -width:]
+    return history, prior
+
+
+def sequence_mask(prior: torch.Tensor) -> torch.Tensor:
+    """(B, W) True where S0 holds a real item: K's items plus the target slot."""
+    mask = prior > 0
+    mask[:, -1] = True
+    return mask
+
+
+def annealed_lambda(
+    epoch: int, start: float = 0.2, floor: float = 0.003, epochs: int = 150, power: float = 9.0
+) -> float:
+    """lambda(epoch) = start (1 - min(epoch, epochs) / epochs)^power + floor (0.203 at epoch 0)."""
+    return start * (1.0 - min(epoch, epochs) / epochs) ** power + floor
+
+
+def dcrec_loss_terms(
+    x_start_pred: torch.Tensor,
+    x_start: torch.Tensor,
+    seq_mask: torch.Tensor,
+    scores: torch.Tensor,
+    target: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """The three terms: prior L_T, reconstruction L_t, rounding L_z.
+
+    L_T = mean of S0_hat^2 over the real positions and dimensions; L_t = MSE between the target
+    slots e0_hat and e0; L_z = cross-entropy of scores (B, N) of items 1..N with the target id.
+    """
+    per_position = x_start_pred.float().pow(2).mean(dim=-1)  # (B, W)
+    mask = seq_mask.float()
+    prior = (per_position * mask).sum() / mask.sum()
+    mse = F.mse_loss(x_start_pred[:, -1].float(), x_start[:, -1].float())
+    ce = F.cross_entropy(scores.float(), target - 1)
+    return {"prior": prior, "mse": mse, "ce": ce}
+
+
+class DCRecModule(RecommenderModule):
+    """Dual Conditional Diffusion for sequential recommendation; defaults = authors' Beauty run."""
+
+    def __init__(
+        self,
+        *,
+        num_items: int,
+        name: str = "dcrec",
+        hidden_size: int = 128,
+        num_blocks: int = 4,
+        num_heads: int = 4,
+        dropout: float = 0.1,
+        emb_dropout: float = 0.4,
+        item_init: str = "small_normal",
+        max_len: int = 50,
+        num_steps: int = 50,
+        schedule: str = "linear",
+        variance: str = "posterior",
+        delta: float = 0.1,
+        offset_in_training: bool = True,
+        stop_target_gradient: bool = True,
+        attention_mask: str = "keys",
+        sampler: Mapping[str, Any] | None = None,
+        lambda_start: float = 0.2,
+        lambda_floor: float = 0.003,
+        lambda_epochs: int = 150,
+        lambda_power: float = 9.0,
+        ensemble_size: int = 1,
+        eval_seed: int = 0,
+        lr: float = 0.004,
+        weight_decay: float = 0.0,
+        lr_step_size: int = 100,
+        lr_gamma: float = 1.0,
+        ks: Sequence[int] = (5, 10, 20),
+        monitor: str = "val/ndcg@10",
+        predict_k: int = 20,
+    ) -> None:
+        require(num_items >= 1, f"num_items must be >= 1, got {num_items}")
+        require(num_steps >= 1, f"model.num_steps (T) must be >= 1, got {num_steps}")
+        require(max_len >= 2, f"model.max_len must be >= 2 (history + target), got {max_len}")
+        require(delta >= 0, f"model.delta must be >= 0, got {delta}")
+        require(0 <= dropout < 1 and 0 <= emb_dropout < 1, "model dropouts must lie in [0, 1)")
+        require(hidden_size % num_heads == 0, "model.hidden_size must be divisible by num_heads")
+        require(ensemble_size >= 1, f"model.ensemble_size must be >= 1, got {ensemble_size}")
+        require(lambda_epochs >= 1, f"model.lambda_epochs must be >= 1, got {lambda_epochs}")
+        require(
+            lambda_start >= 0 and lambda_floor >= 0 and lambda_start + lambda_floor <= 1,
+            "model.lambda_start and lambda_floor must be >= 0 with a sum <= 1",
+        )
+        super().__init__(
+            lr=lr,
+            weight_decay=weight_decay,
+            lr_step_size=lr_step_size,
+            lr_gamma=lr_gamma,
+            ks=ks,
+            monitor=monitor,
+            predict_k=predict_k,
+        )
+        sampler = {"name": "ancestral", "steps": None, **dict(sampler or {})}
+        self.save_hyperparameters(ignore=["sampler"])
+        self.hparams["sampler"] = sampler
+        try:
+            self.use_sampler(sampler["name"], sampler["steps"], num_steps)
+            self.items = ItemEmbedding(
+                num_items=num_items,
+                hidden_size=hidden_size,
+                dropout=emb_dropout,
+                init=item_init,
+                position_embedding=True,
+                max_len=max_len,
+            )
+            self.network = DualConditionalTransformer(
+                hidden_size=hidden_size,
+                num_blocks=num_blocks,
+                num_heads=num_heads,
+                dropout=dropout,
+                num_steps=num_steps,
+                attention_mask=attention_mask,
+            )
+            self.diffusion = GaussianDiffusion(
+                num_steps=num_steps, schedule=schedule, variance=variance
+            )
+        except ValueError as exc:
+            raise ConfigError(f"model: {exc}") from None
+
+    def use_sampler(self, name: str, steps: int | None, num_steps: int | None = None) -> None:
+        """Switch the evaluation sampler (e.g. to measure accuracy against T')."""
+        check_sampler(name, steps, num_steps or self.hparams.num_steps)
+        self.hparams["sampler"] = {"name": name, "steps": steps}
+
+    def lambda_at(self, epoch: int) -> float:
+        hp = self.hparams
+        return annealed_lambda(
+            epoch, hp.lambda_start, hp.lambda_floor, hp.lambda_epochs, hp.lambda_power
+        )
+
+    # -- training ------------------------------------------------------------------------
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        seq, target = batch["seq"], batch["target"]
+        history_ids, prior_ids = diffusion_sequences(seq, self.hparams.max_len)
+        start_ids = prior_ids.clone()
+        start_ids[:, -1] = target
+        seq_mask = sequence_mask(prior_ids)
+        history = self.items(history_ids)  # (B, W, d) explicit condition H0
+        x_start = self.items(start_ids)  # (B, W, d) S0
+        noise = torch.randn_like(x_start)
+        if self.hparams.offset_in_training:
+            noise = noise + self.hparams.delta * self.items(prior_ids)  # implicit condition K
+        t = torch.randint(self.hparams.num_steps, (len(target),), device=self.device)
+        x_t = self.diffusion.q_sample(x_start, t, noise)
+        x_start_pred = self.network(x_t, t, history, seq_mask, history_ids > 0)
+        scores = self.items.scores(x_start_pred[:, -1])  # (B, N)
+        # A trainable MSE target lets L_t shrink every embedding to one point (the loss then
+        # vanishes while nothing is learned); as a constant target it cannot.
+        reference = x_start.detach() if self.hparams.stop_target_gradient else x_start
+        terms = dcrec_loss_terms(x_start_pred, reference, seq_mask, scores, target)
+        lam = self.lambda_at(self.current_epoch)
+        loss = terms["prior"] + (1.0 - lam) * terms["mse"] + lam * terms["ce"]
+        size = len(target)
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        self.log_dict({f"train/loss_{k}": v for k, v in terms.items()}, batch_size=size)
+        self.log("train/lambda", lam, batch_size=size)
+        return loss
+
+    # -- sampling ------------------------------------------------------------------------
+    def reverse_sequence(
+        self, batch: Batch, member: int = 0, diffusion: GaussianDiffusion | None = None
+    ) -> torch.Tensor:
+        """S0_hat (B, W, d) from the configured sampler, for one ensemble member.
+
+        ``diffusion`` replaces the sampling process (e.g. a respaced one); without it the
+        sampler runs over ``sampler.steps`` levels of the trained process. Noise comes from
+        per-user streams seeded by (eval_seed, member, user) with one row per real position of
+        S, so a user's result never depends on the batch it is in.
+        """
+        hp = self.hparams
+        history_ids, prior_ids = diffusion_sequences(batch["seq"], hp.max_len)
+        seq_mask = sequence_mask(prior_ids)
+        history_mask = history_ids > 0
+        history = self.items(history_ids)
+        prior_offset = hp.delta * self.items(prior_ids)  # (B, W, d)
+        cache = self.network.history_cache(history)  # step-independent: once per batch
+        seed = hp.eval_seed + _ENSEMBLE_SEED_STRIDE * member
+        noise = UserNoise(seed, batch["user"], self.device)
+        counts, width, dim = seq_mask.sum(1), seq_mask.shape[1], history.shape[-1]
+
+        def draw(_step: int = 0) -> torch.Tensor:
+            return noise.rows(counts, width, dim).to(history.dtype)
+
+        def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self.network(x_t, t, history, seq_mask, history_mask, cache=cache)
+
+        x_T = draw() + prior_offset  # S_T = N(0, I) + delta K
+        return sample(
+            hp.sampler["name"],
+            diffusion or self.diffusion,
+            denoise,
+            x_T,
+            draw,
+            steps=hp.sampler["steps"] if diffusion is None else None,
+            forward_mean=prior_offset,
+        )
+
+    def reverse(
+        self, batch: Batch, member: int = 0, diffusion: GaussianDiffusion | None = None
+    ) -> torch.Tensor:
+        """e0 (B, d): the target slot of the final S0_hat (what is rounded to items)."""
+        return self.reverse_sequence(batch, member, diffusion)[:, -1]
+
+    def eval_scores(self, batch: Batch, diffusion: GaussianDiffusion | None = None) -> torch.Tensor:
+        """(B, N) scores e0 . E^T; with an ensemble, the averaged softmax distributions."""
+        members = self.hparams.ensemble_size
+        # Ranking in float32 whatever the autocast: bf16 scores would create spurious ties.
+        with torch.autocast(self.device.type, enabled=False):
+            table = self.items.table.weight[1:].float()
+            if members == 1:
+                return self.reverse(batch, 0, diffusion).float() @ table.t()
+            probs = sum(
+                torch.softmax(self.reverse(batch, m, diffusion).float() @ table.t(), dim=-1)
+                for m in range(members)
+            )
+            return probs / members

@@ -1,0 +1,298 @@
+"""The fast paths give the results of a plain implementation written out here, on the same draws.
+
+The reference below pads every history to max_len, computes every position of every block, uses
+separate Q/K/V products and an explicit masked softmax, embeds the step per row, recomputes
+everything at every reverse step, draws each user's noise call by call, one user at a time, and
+ranks with a plain comparison. The module instead pads per batch, buckets by length, fuses
+projections, caches the first cross-attention's keys and values, computes only the last position
+in the last block, prefetches the noise and uses its own cross-entropy backward. Same seeds, so
+losses, gradients, scores and metrics must agree within float32 tolerance.
+
+Dropout is off in these comparisons (its masks are drawn for differently shaped tensors in the
+two implementations); the cheaper dropout itself is tested for its distribution below.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffurec_lightning.data.datamodule import SequenceDataModule
+from diffurec_lightning.diffusion.noise import user_seed
+from diffurec_lightning.models import diffusion_module
+from diffurec_lightning.models.diffusion_module import DiffusionRecModule
+from diffurec_lightning.models.layers import attention, dropout
+
+torch.set_num_threads(1)
+MAX_LEN = 10
+NUM_ITEMS = 40
+KS = (1, 5, 10)
+TOL = {"rtol": 1e-4, "atol": 1e-5}
+VARIANTS = {
+    "diffurec": {"approximator": "diffurec"},
+    "diffurecsys": {"approximator": "cross_attention", "offset": 1.0},
+}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> SequenceDataModule:
+    datamodule = SequenceDataModule(
+        name="synthetic",
+        data_dir=str(tmp_path_factory.mktemp("data")),
+        max_len=MAX_LEN,
+        batch_size=24,
+        eval_batch_size=16,
+        num_users=48,
+        num_items=NUM_ITEMS,
+        synthetic_seed=3,
+    )
+    datamodule.setup()
+    return datamodule
+
+
+def make_model(variant: str, hidden_size: int = 32) -> DiffusionRecModule:
+    torch.manual_seed(0)
+    model = DiffusionRecModule(
+        num_items=NUM_ITEMS,
+        hidden_size=hidden_size,
+        num_blocks=3,
+        num_heads=2,
+        dropout=0.0,
+        emb_dropout=0.0,
+        num_steps=8,
+        max_len=MAX_LEN,
+        eval_seed=5,
+        ks=KS,
+        **VARIANTS[variant],
+    )
+    with torch.no_grad():  # trained-looking weights: a larger table spreads the scores
+        model.items.table.weight.normal_(0, 0.5)
+    return model
+
+
+# -- the plain reference --------------------------------------------------------------------------
+def left_pad(seq: torch.Tensor, width: int) -> torch.Tensor:
+    return F.pad(seq, (width - seq.shape[1], 0))
+
+
+def layer_norm(norm: torch.nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    mean = x.mean(-1, keepdim=True)
+    var = x.var(-1, unbiased=False, keepdim=True)
+    return (x - mean) / torch.sqrt(var + norm.eps) * norm.weight + norm.bias
+
+
+def linear(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return x @ layer.weight.t() + layer.bias
+
+
+def multi_head(mha, query: torch.Tensor, context: torch.Tensor, mask: torch.Tensor):
+    b, n, d = query.shape
+    heads, size = mha.num_heads, d // mha.num_heads
+
+    def split(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(b, x.shape[1], heads, size).permute(0, 2, 1, 3)
+
+    q, k, v = (
+        split(linear(mha.query, query)),
+        split(linear(mha.key, context)),
+        split(linear(mha.value, context)),
+    )
+    scores = q @ k.transpose(-1, -2) / math.sqrt(size)
+    scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    out = (torch.softmax(scores, -1) @ v).permute(0, 2, 1, 3).reshape(b, n, d)
+    return linear(mha.out, out)
+
+
+def self_block(block, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    normed = layer_norm(block.attn_norm, h)
+    h = h + multi_head(block.attn, normed, normed, mask)
+    inner = F.gelu(linear(block.ffn.up, layer_norm(block.ffn_norm, h)))
+    return h + linear(block.ffn.down, inner)
+
+
+def step_embedding(module, t: torch.Tensor) -> torch.Tensor:
+    half = module.hidden_size // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half) / half)
+    args = (t.float() * module.scale)[:, None] * freqs[None]  # scale = 1000 / T
+    features = torch.cat([torch.cos(args), torch.sin(args)], -1)
+    hidden = F.silu(linear(module.mlp[0], features))
+    return linear(module.mlp[2], hidden)
+
+
+def approximator(net, seq_emb, mask, x_t, t, lam) -> torch.Tensor:
+    condition = lam * (x_t + step_embedding(net.step_embedding, t))[:, None, :]
+    if net.__class__.__name__ == "DiffuRecApproximator":
+        h = seq_emb + condition
+        for block in net.blocks:
+            h = self_block(block, h, mask)
+    else:
+        h = seq_emb
+        for block in net.blocks:
+            h = h + multi_head(block.cross, condition, layer_norm(block.cross_norm, h), mask)
+            h = self_block(block.block, h, mask)
+    return layer_norm(net.out_norm, h[:, -1])
+
+
+def embed(model: DiffusionRecModule, seq: torch.Tensor) -> torch.Tensor:
+    return layer_norm(model.items.norm, model.items.table.weight[seq])
+
+
+def reference_loss(model: DiffusionRecModule, batch: dict, seed: int) -> torch.Tensor:
+    """The training loss on the same draws as training_step: t, then the noise, then lambda."""
+    hp, diffusion = model.hparams, model.diffusion
+    seq, target = batch["seq"], batch["target"]
+    torch.manual_seed(seed)
+    t = torch.randint(hp.num_steps, (len(target),))
+    noise = torch.randn(len(target), hp.hidden_size) + 0.1 * hp.offset
+    lam = hp.delta + hp.delta * torch.randn(*seq.shape, hp.hidden_size)
+    abar = torch.cumprod(1 - diffusion.betas.double(), 0).float()
+    x_start = model.items.table.weight[target]
+    x_t = abar[t].sqrt()[:, None] * x_start + (1 - abar[t]).sqrt()[:, None] * noise
+    full = left_pad(seq, MAX_LEN)
+    lam = F.pad(lam, (0, 0, MAX_LEN - seq.shape[1], 0))
+    x0 = approximator(model.approximator, embed(model, full), full > 0, x_t, t, lam)
+    scores = x0 @ model.items.table.weight[1:].t()
+    return F.cross_entropy(scores, target - 1)
+
+
+def reference_scores(model: DiffusionRecModule, seq: torch.Tensor, users: torch.Tensor):
+    """The reverse process one user at a time, each user's noise drawn call by call."""
+    hp, diffusion = model.hparams, model.diffusion
+    d, rows = hp.hidden_size, []
+    for history, user in zip(seq, users.tolist(), strict=True):
+        history = left_pad(history[history > 0][None], MAX_LEN)
+        length = int((history > 0).sum())
+        generator = torch.Generator().manual_seed(user_seed(hp.eval_seed, user))
+
+        def draw(n: int, generator=generator) -> torch.Tensor:
+            return torch.empty(n).normal_(generator=generator)
+
+        seq_emb, x = embed(model, history), draw(d)[None]
+        for i in reversed(range(hp.num_steps)):
+            lam = torch.zeros(1, MAX_LEN, d)
+            lam[0, MAX_LEN - length :] = hp.delta + hp.delta * draw(length * d).view(length, d)
+            t = torch.tensor([i])
+            x0 = approximator(model.approximator, seq_emb, history > 0, x, t, lam)
+            x_prev = diffusion.posterior_mean_coef1[i] * x0 + diffusion.posterior_mean_coef2[i] * x
+            if i > 0:  # the last step adds no noise
+                x_prev = x_prev + torch.exp(0.5 * diffusion.model_log_variance[i]) * draw(d)[None]
+            x = x_prev
+        rows.append(x @ model.items.table.weight[1:].t())
+    return torch.cat(rows)
+
+
+def reference_metrics(scores: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+    own = scores[torch.arange(len(target)), target - 1]
+    ranks = (scores >= own[:, None]).sum(1).double()  # ties count against the target
+    out = {}
+    for k in KS:
+        hit = ranks <= k
+        out[f"val/hr@{k}"] = float(hit.double().mean())
+        out[f"val/ndcg@{k}"] = float(torch.where(hit, 1 / torch.log2(ranks + 1), 0.0).mean())
+    return out
+
+
+# -- the comparisons ------------------------------------------------------------------------------
+def train_batches(data: SequenceDataModule, count: int) -> list[dict]:
+    dataset = data.dataset("train")
+    batches = data.train_batch_sampler().global_batches()
+    return [dataset.__getitems__(batch.tolist()) for batch in batches[:count]]
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_training_steps_match_the_reference(variant: str, data: SequenceDataModule) -> None:
+    fast = make_model(variant).train()
+    plain = copy.deepcopy(fast)
+    fast_opt = fast.configure_optimizers()["optimizer"]
+    plain_opt = plain.configure_optimizers()["optimizer"]
+    batches = train_batches(data, 4)
+    assert len({batch["seq"].shape[1] for batch in batches}) > 1  # several batch widths
+    for step, batch in enumerate(batches):
+        torch.manual_seed(100 + step)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # self.log without a Trainer
+            loss = fast.training_step(batch, step)
+        expected = reference_loss(plain, batch, seed=100 + step)
+        torch.testing.assert_close(loss, expected, **TOL)
+        for opt, value in ((fast_opt, loss), (plain_opt, expected)):
+            opt.zero_grad()
+            value.backward()
+        for (name, p), q in zip(fast.named_parameters(), plain.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-6, msg=name)
+        fast_opt.step()
+        plain_opt.step()
+
+
+@pytest.mark.parametrize(
+    ("variant", "hidden_size"), [("diffurec", 32), ("diffurecsys", 32), ("diffurecsys", 24)]
+)
+def test_validation_matches_the_reference(
+    variant: str, hidden_size: int, data: SequenceDataModule
+) -> None:
+    """hidden 32 reads prefetched noise, hidden 24 draws it call by call (not whole blocks)."""
+    model = make_model(variant, hidden_size).eval()
+    dataset = data.dataset("val")
+    with torch.inference_mode():
+        for batch in data.val_dataloader():
+            model.validation_step(batch, 0)
+        metrics = {k: float(v) for k, v in model.val_metrics.compute().items()}
+        everyone = dataset.__getitems__(list(range(len(dataset))))
+        fast = model.eval_scores(everyone)
+        plain = reference_scores(model, everyone["seq"], everyone["user"])
+    torch.testing.assert_close(fast, plain, **TOL)
+    expected = reference_metrics(plain, everyone["target"])
+    assert metrics == pytest.approx(expected, abs=1e-6)
+    assert 0 < expected["val/hr@10"] < 1  # the comparison is not vacuous
+
+
+def test_user_scores_do_not_depend_on_the_batch(data: SequenceDataModule) -> None:
+    model = make_model("diffurecsys").eval()
+    dataset = data.dataset("val")
+    everyone = dataset.__getitems__(list(range(len(dataset))))
+    with torch.inference_mode():
+        together = model.eval_scores(everyone)
+        for start in range(0, len(dataset), 7):
+            part = dataset.__getitems__(list(range(start, min(start + 7, len(dataset)))))
+            torch.testing.assert_close(model.eval_scores(part), together[start : start + 7], **TOL)
+
+
+@pytest.mark.parametrize("steps_per_chunk", [1, 3])
+def test_noise_prefetched_in_chunks_reads_the_same_values(
+    steps_per_chunk: int, data: SequenceDataModule, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = make_model("diffurecsys").eval()
+    batch = next(iter(data.val_dataloader()))
+    with torch.inference_mode():
+        whole = model.eval_scores(batch)
+        width, d = batch["seq"].shape[1], model.hparams.hidden_size
+        budget = steps_per_chunk * len(batch["seq"]) * (width + 1) * d
+        monkeypatch.setattr(diffusion_module, "_PREFETCH_VALUES", budget)
+        torch.testing.assert_close(model.eval_scores(batch), whole, rtol=0, atol=0)
+
+
+def test_dropout_keeps_the_distribution() -> None:
+    torch.manual_seed(0)
+    x = torch.ones(1_000_000)
+    out = dropout(x, 0.1, training=True)
+    kept = out != 0
+    assert abs(float(kept.double().mean()) - 0.9) < 4 * math.sqrt(0.09 / len(x))
+    torch.testing.assert_close(out[kept], torch.full_like(out[kept], 1 / 0.9))
+    assert dropout(x, 0.1, training=False) is x and dropout(x, 0.0, training=True) is x
+    # Independent draws: neighbouring elements are uncorrelated.
+    a, b = kept[:-1].double(), kept[1:].double()
+    assert abs(float(((a - 0.9) * (b - 0.9)).mean())) < 4 * 0.09 / math.sqrt(len(a))
+
+
+def test_attention_with_dropout_matches_sdpa_when_nothing_is_dropped() -> None:
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 2, 4, 8), torch.randn(3, 2, 6, 8), torch.randn(3, 2, 6, 8)
+    mask = torch.rand(3, 1, 1, 6) > 0.3
+    mask[..., -1] = True
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(attention(q, k, v, mask, 1e-12, training=True), expected, **TOL)
+    torch.testing.assert_close(attention(q, k, v, mask, 0.5, training=False), expected)

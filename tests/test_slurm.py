@@ -1,0 +1,202 @@
+"""The project's own sbatch script on a real single-node SLURM cluster (localhost, CPU DDP).
+
+The module fixture installs Debian's slurmctld/slurmd/slurm-client/munge when they are missing
+(root only), starts diffurec_lightning/launch/local_slurm.sh on free ports under a temporary
+folder, and stops every daemon by its pidfile afterwards. Jobs run 2 DDP ranks (`srun`, gloo) of a
+tiny DiffuRecSys on the real toys data for a few steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from diffurec_lightning.config import compose_config
+from diffurec_lightning.launch.slurm import SlurmJob, submit, write_script
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER_SCRIPT = REPO / "diffurec_lightning" / "launch" / "local_slurm.sh"
+PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
+STEPS_PER_EPOCH = 3
+TINY = [
+    "model.hidden_size=16",
+    "model.num_blocks=1",
+    "model.num_heads=1",
+    "model.num_steps=2",
+    "trainer.check_val_every_n_epoch=1",
+    f"++trainer.limit_train_batches={STEPS_PER_EPOCH}",
+    "++trainer.limit_val_batches=1",
+    "++trainer.limit_test_batches=1",
+    "callbacks.early_stopping=null",  # the step count must not depend on a tiny model's luck
+    "callbacks.progress_bar=null",
+]
+
+
+def install_reason() -> str | None:
+    """Why SLURM cannot run here (after trying to install it), or None when it can."""
+    if os.geteuid() != 0:
+        return "not root: the local SLURM cluster runs munged and slurmd as root"
+    tools = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "sinfo")
+    if all(shutil.which(tool) for tool in tools):
+        return None
+    if shutil.which("apt-get") is None:
+        return "SLURM is not installed and there is no apt-get to install it"
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *PACKAGES]
+    for attempt in ([install], [["apt-get", "update", "-q"], install]):
+        done = None
+        for command in attempt:
+            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+            if done.returncode != 0:
+                break
+        if done is not None and done.returncode == 0:
+            return None
+    last = (done.stderr.strip().splitlines() or ["?"])[-1] if done else "?"
+    return f"could not install {' '.join(PACKAGES)} with apt-get: {last}"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[dict[str, str]]:
+    reason = install_reason()
+    if reason:
+        print(f"test_slurm skipped: {reason}", file=sys.stderr)
+        pytest.skip(reason)
+    # Not under pytest's basetemp: munged needs every folder above its socket to be o+x.
+    root = Path(tempfile.mkdtemp(prefix="diffurec-slurm-"))
+    env = dict(
+        os.environ,
+        SLURM_CONF=str(root / "slurm.conf"),
+        SLURMCTLD_PORT=str(free_port()),
+        SLURMD_PORT=str(free_port()),
+    )
+    try:
+        started = subprocess.run(
+            [str(CLUSTER_SCRIPT), "start", str(root)], env=env, capture_output=True, text=True
+        )
+        assert started.returncode == 0, started.stderr
+        yield {"SLURM_CONF": env["SLURM_CONF"]}
+    finally:
+        # Jobs first (their slurmstepd would outlive slurmd), then the daemons by pidfile.
+        subprocess.run(["scancel", "--user=root"], env=env, capture_output=True)
+        deadline = time.time() + 60
+        while time.time() < deadline and squeue(env):
+            time.sleep(0.5)
+        subprocess.run([str(CLUSTER_SCRIPT), "stop", str(root)], env=env, check=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def squeue(env: dict[str, str]) -> str:
+    done = subprocess.run(["squeue", "-h"], env=env, capture_output=True, text=True)
+    return done.stdout.strip()
+
+
+def job_info(job_id: str) -> dict[str, str]:
+    done = subprocess.run(
+        ["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, check=True
+    )
+    return dict(re.findall(r"(\w+)=(\S*)", done.stdout))
+
+
+def wait_for(predicate, timeout: float, what: str, log: Path) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    tail = log.read_text()[-3000:] if log.is_file() else "(no log)"
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}; log tail:\n{tail}")
+
+
+def finished(job_id: str) -> bool:
+    return job_info(job_id)["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
+
+
+@pytest.fixture()
+def slurm_env(cluster: dict[str, str], run_env: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Client environment of the cluster; jobs inherit it (outputs under run_env, toys mirror)."""
+    monkeypatch.setenv("SLURM_CONF", cluster["SLURM_CONF"])
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(run_env))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(run_env / "wandb-config"))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(run_env / "wandb-cache"))
+    return run_env
+
+
+def submit_tiny(home: Path, name: str, epochs: int) -> tuple[str, Path, Path]:
+    """Submit 2 CPU DDP tasks of a tiny toys run; return (job id, run folder, log)."""
+    extra = [f"trainer.max_epochs={epochs}"]
+    if "representation" in compose_config().callbacks:
+        extra.append("callbacks.representation=null")  # a t-SNE picture is no part of this
+    job = SlurmJob(
+        data="toys",
+        gpus_per_node=0,
+        tasks_per_node=2,
+        cpus_per_task=1,
+        time="00:10:00",
+        job_name=name,
+        workdir=REPO,
+        overrides=(*TINY, *extra),
+    )
+    job_id = submit(write_script(job))
+    run_dir = home / "outputs" / "slurm" / f"{job_id}_toys_diffurecsys"
+    return job_id, run_dir, job.log_dir / f"{name}-{job_id}.out"
+
+
+def test_sbatch_script_trains_two_ddp_ranks(slurm_env: Path) -> None:
+    job_id, run_dir, log = submit_tiny(slurm_env, "diffurec-test-ddp", epochs=2)
+    wait_for(lambda: finished(job_id), 300, f"job {job_id} to finish", log)
+    info, text = job_info(job_id), log.read_text()
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), text[-3000:]
+    assert "MEMBER: 2/2" in text  # two ranks, started by srun, joined one process group
+
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["global_step"] == 2 * STEPS_PER_EPOCH and results["epochs"] == 2
+    assert results["resumed_from"] is None
+    assert {"test/hr@10", "test/ndcg@10"} <= set(results["test"])
+    assert Path(results["best_checkpoint"]).is_file()
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_requeue_signal_resumes_from_the_checkpoint(slurm_env: Path) -> None:
+    epochs = 12
+    job_id, run_dir, log = submit_tiny(slurm_env, "diffurec-test-requeue", epochs=epochs)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    wait_for(lambda: last.is_file() or finished(job_id), 300, "the first checkpoint", log)
+    assert not finished(job_id), "the job ended before it could be signalled"
+
+    # What SLURM sends --signal-lead seconds before the time limit, sent now to every task.
+    subprocess.run(["scancel", "--signal=USR1", job_id], check=True)
+    wait_for(lambda: job_info(job_id).get("Restarts") == "1", 120, "the requeue", log)
+    # A requeued job waits ~2 minutes (BeginTime) before it may start again; skip the wait.
+    wait_for(lambda: job_info(job_id)["JobState"] == "PENDING", 60, "PENDING", log)
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+    wait_for(lambda: finished(job_id), 300, f"job {job_id} to finish after requeue", log)
+
+    info, text = job_info(job_id), log.read_text()
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), text[-3000:]
+    assert "start 0 on" in text and "start 1 on" in text  # the same script ran twice
+    results = json.loads((run_dir / "results.json").read_text())
+    assert Path(results["resumed_from"]).name == "hpc_ckpt_1.ckpt"
+    assert results["global_step"] == epochs * STEPS_PER_EPOCH  # continuous: no step lost or redone
+    assert results["epochs"] == epochs
+    # Both attempts logged to one W&B run id (offline: one folder per attempt).
+    runs = sorted(path.name for path in (run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2
+    assert all(name.endswith(f"-slurm-localtest-{job_id}") for name in runs), runs
