@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -23,7 +24,17 @@ from pathlib import Path
 import pytest
 
 from diffurec_lightning.config import compose_config
-from diffurec_lightning.launch.slurm import SlurmJob, submit, write_script
+from diffurec_lightning.errors import ConfigError
+from diffurec_lightning.launch.slurm import (
+    RUN_DIR,
+    WANDB_ID,
+    SlurmJob,
+    render,
+    submit,
+    time_limit_seconds,
+    train_overrides,
+    write_script,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_SCRIPT = REPO / "diffurec_lightning" / "launch" / "local_slurm.sh"
@@ -200,3 +211,73 @@ def test_requeue_signal_resumes_from_the_checkpoint(slurm_env: Path) -> None:
     runs = sorted(path.name for path in (run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 2
     assert all(name.endswith(f"-slurm-localtest-{job_id}") for name in runs), runs
+
+
+# -- the generator alone (no cluster) -----------------------------------------------------------
+
+
+def test_multi_node_gpu_script() -> None:
+    job = SlurmJob(data="beauty", gpus_per_node=4, nodes=2, partition="gpu", mem="64G")
+    script = render(job)
+    for line in (
+        "#SBATCH --nodes=2",
+        "#SBATCH --ntasks-per-node=4",
+        "#SBATCH --gres=gpu:4",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --mem=64G",
+        "#SBATCH --signal=SIGUSR1@90",
+        "#SBATCH --requeue",
+        "#SBATCH --open-mode=append",
+    ):
+        assert line in script.splitlines()
+    (launch,) = [line for line in script.splitlines() if line.startswith("srun ")]
+    argv = shlex.split(launch)
+    assert argv[argv.index("-m") + 1] == "diffurec_lightning.train"
+    for override in (
+        "data=beauty",
+        "trainer=gpu",
+        "trainer.devices=4",
+        "trainer.num_nodes=2",
+        "trainer.strategy=ddp",
+        "ckpt_path=auto",
+        f"hydra.run.dir={RUN_DIR}",
+        f"logger.wandb.id={WANDB_ID}",
+    ):
+        assert override in argv
+    # Every override composes; interpolations stay for the job to resolve.
+    cfg = compose_config(argv[argv.index("-m") + 2 :])
+    assert (cfg.trainer.devices, cfg.trainer.num_nodes, cfg.trainer.precision) == (
+        4,
+        2,
+        "bf16-mixed",
+    )
+
+
+def test_single_cpu_task_and_csv_logger() -> None:
+    argv = train_overrides(SlurmJob(gpus_per_node=0, overrides=("logger=csv",)))
+    assert "trainer=cpu" in argv and "trainer.strategy=auto" in argv
+    assert not any(item.startswith("logger.wandb.id=") for item in argv)
+
+
+@pytest.mark.parametrize(
+    ("job", "message"),
+    [
+        (SlurmJob(time="00:04:00"), "leaves under 180 s"),
+        (SlurmJob(time="1h"), "use HH:MM:SS"),
+        (SlurmJob(tasks_per_node=2), "one task per GPU"),
+        (SlurmJob(nodes=0), "--nodes >= 1"),
+        (SlurmJob(overrides=("trainer.max_epochz=3",)), "max_epochz"),
+        (SlurmJob(data="nosuchdata"), "nosuchdata"),
+    ],
+)
+def test_bad_jobs_fail_before_submission(job: SlurmJob, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        render(job)
+
+
+def test_time_limits_in_slurm_formats() -> None:
+    assert time_limit_seconds("30") == 1800
+    assert time_limit_seconds("5:30") == 330
+    assert time_limit_seconds("12:00:00") == 43_200
+    assert time_limit_seconds("1-12") == 129_600
+    assert time_limit_seconds("2-00:30:00") == 174_600
