@@ -1,0 +1,50 @@
+"""Every YAML of every config group composes, and its objects can be built from it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.utils import instantiate
+from omegaconf import open_dict
+
+from diffurec_lightning.config import CONF_DIR, compose_config
+
+
+def names(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("model", names("model"))
+def test_every_model_config_instantiates(model: str) -> None:
+    cfg = compose_config([f"model={model}"])
+    with open_dict(cfg):
+        cfg.model.num_items = 50
+    module = instantiate(cfg.model)
+    assert module.hparams.name == cfg.model.name == model
+
+
+@pytest.mark.parametrize("data", names("data"))
+def test_every_data_config_instantiates(data: str, tmp_path: Path) -> None:
+    extra = [f"data.path={tmp_path / 'x.csv'}"] if data == "custom" else []
+    cfg = compose_config([f"data={data}", *extra])
+    datamodule = instantiate(cfg.data)
+    assert datamodule.max_len == cfg.data.max_len
+
+
+@pytest.mark.parametrize("experiment", names("experiment"))
+def test_every_experiment_composes_and_builds(experiment: str) -> None:
+    cfg = compose_config([f"experiment={experiment}"])
+    model_name, data_name = experiment.split("_", 1)
+    assert (cfg.model.name, cfg.data.name) == (model_name, data_name)
+    with open_dict(cfg):
+        cfg.model.num_items = 50
+    instantiate(cfg.model)
+    instantiate(cfg.data)
+
+
+@pytest.mark.parametrize("trainer", ["default", "cpu", "ddp"])
+def test_trainer_configs_instantiate(trainer: str, tmp_path: Path) -> None:
+    cfg = compose_config([f"trainer={trainer}", f"paths.output_dir={tmp_path}"])
+    built = instantiate(cfg.trainer, accelerator="cpu", logger=False, enable_progress_bar=False)
+    assert built.max_epochs == cfg.trainer.max_epochs
