@@ -19,7 +19,18 @@ def test_make_seeds_writes_one_results_file_per_seed(run_env: Path) -> None:
         "model.hidden_size=16 model.num_blocks=1 model.num_heads=1 model.num_steps=4 logger=csv"
     )
     planned = subprocess.run(
-        ["make", "-n", "seeds", "DATA=synthetic", "MODEL=diffurecsys", "SEEDS=2", f"ARGS={args}"],
+        # --no-print-directory: under `make test` this make is nested and would print
+        # "Entering/Leaving directory" lines around the command.
+        [
+            "make",
+            "--no-print-directory",
+            "-n",
+            "seeds",
+            "DATA=synthetic",
+            "MODEL=diffurecsys",
+            "SEEDS=2",
+            f"ARGS={args}",
+        ],
         cwd=REPO,
         capture_output=True,
         text=True,
