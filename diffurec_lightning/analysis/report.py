@@ -161,16 +161,21 @@ def render_markdown(
         out += ["", "## Case studies (test set, mean ± std over seeds)", ""]
         out += [
             "head/tail: users whose test target is among the 20% most frequent items or not; "
-            "len1..len5: users grouped at the 20/40/60/80th percentiles of sequence length.",
+            "len1..len5: users grouped at the 20/40/60/80th percentiles of sequence length "
+            "(the lengths each group holds in brackets).",
             "",
         ]
+        labels = {
+            d: _length_labels([r for r in runs if r["dataset"] == d])
+            for d in {r["dataset"] for r in runs}
+        }
         out += _table(
             ["dataset", "model", "group", *CASE_METRICS],
             [
                 [
                     r["dataset"],
                     r["model"],
-                    r["group"],
+                    _group_label(r["group"], labels[r["dataset"]]),
                     *(f"{_fmt(r[f'{m}_mean'])} ± {_fmt(r[f'{m}_std'])}" for m in CASE_METRICS),
                 ]
                 for r in cases
@@ -233,6 +238,10 @@ def case_study_figures(
         )
         figures[f"Case studies on {dataset}"] = path
     return figures
+
+
+def _group_label(group: str, labels: dict[str, str]) -> str:
+    return f"{group} ({labels[group].split(': ', 1)[1]})" if group in labels else group
 
 
 def _length_labels(runs: Sequence[Run]) -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""DCRec (Huang et al., arXiv 2410.21967) as a LightningModule: see docs of dcrec.md.
+"""DCRec (Huang et al., arXiv 2410.21967, WSDM 2026) as a LightningModule.
 
 Training: the whole target sequence S0 (history shifted by one, target last) is noised, with
 noise offset towards the history prior K (implicit condition); the Dual Conditional Transformer
@@ -31,10 +31,10 @@ _ENSEMBLE_SEED_STRIDE = 1_000_003
 def diffusion_sequences(seq: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Item ids of the clean history H0 and the prior K, aligned with S0: (B, W) each.
 
-    With the history i_1..i_n (left-padded), S0 = [i_2..i_n, target] and K = [i_2..i_n, pad]
-    after one column of history; H0 = [i_1..i_n] shifted so that position j of S0 holds the item
-    after position j of H0. W = min(L + 1, max_len) keeps the window the same for a user in
-    every batch: only a full max_len history loses its oldest item from S0.
+    For the history i_1..i_n (left-padded): H0 = [pad, i_1..i_n], S0 = [i_1..i_n, target] and
+    K = [i_1..i_n, pad], so position j of S0 holds the item after position j of H0. Only the last
+    W = min(L + 1, max_len) columns are kept, which is the same window for a user in every batch
+    (padding aside): only a history of max_len items loses its oldest item from S0 and K.
     """
     pad = seq.new_zeros(seq.shape[0], 1)
     width = min(seq.shape[1] + 1, max_len)
