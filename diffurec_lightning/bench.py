@@ -189,18 +189,22 @@ def measure_train(job: dict[str, Any]) -> dict[str, Any]:
         optimizer.step()
         return len(index), _useful("train", model, (batch["seq"] > 0).sum(1).cpu())
 
-    for batch in picked[: job["warmup_steps"]]:
+    # Warm up on the widest batches of the epoch: the peak memory is then the epoch's peak.
+    widest = sorted(sampler.global_batches(), key=lambda b: -int(dataset.lengths[b].max()))
+    for batch in widest[: job["warmup_steps"]]:
         step(batch.tolist())
     _sync(device)
     with _profiler(job) as prof:
-        samples, useful, started = 0, 0.0, time.perf_counter()
+        samples, useful, started, cpu = 0, 0.0, time.perf_counter(), time.process_time()
         for batch in picked:
             count, work = step(batch.tolist())
             samples += count
             useful = useful + work if work is not None else None
         _sync(device)
         elapsed = time.perf_counter() - started
+        cpu = time.process_time() - cpu
     return {
+        "cpu_share": cpu / (elapsed * torch.get_num_threads()),
         "profile": _top_ops(prof, job),
         "samples_per_s": samples / elapsed,
         "useful_flops_per_s": useful / elapsed if useful is not None else None,
@@ -227,17 +231,20 @@ def measure_eval(job: dict[str, Any]) -> dict[str, Any]:
         return len(index), _useful("eval", model, (batch["seq"] > 0).sum(1).cpu())
 
     with torch.inference_mode():
-        step(picked[len(picked) // 2][:64].tolist())  # warm-up on a small slice
+        widest = max(batches, key=lambda b: int(dataset.lengths[b].max()))
+        step(widest.tolist())  # warm-up on the widest batch: the peak memory is the pass's peak
         _sync(device)
         with _profiler(job) as prof:
-            users, useful, started = 0, 0.0, time.perf_counter()
+            users, useful, started, cpu = 0, 0.0, time.perf_counter(), time.process_time()
             for batch in picked:
                 count, work = step(batch.tolist())
                 users += count
                 useful = useful + work if work is not None else None
             _sync(device)
             elapsed = time.perf_counter() - started
+        cpu = time.process_time() - cpu
     return {
+        "cpu_share": cpu / (elapsed * torch.get_num_threads()),
         "profile": _top_ops(prof, job),
         "users_per_s": users / elapsed,
         "useful_flops_per_s": useful / elapsed if useful is not None else None,
@@ -320,10 +327,12 @@ COLUMNS = (
     ("% bf16 peak", 11),
     ("epoch s", 8),
     ("peak RSS MB", 11),
+    ("CPU share", 9),
     ("eval users/s", 12),
     ("useful GFLOP/s", 14),
     ("val pass s", 10),
     ("peak RSS MB", 11),
+    ("CPU share", 9),
 )
 
 
@@ -339,10 +348,12 @@ def _row(precision: str, row: dict[str, Any], peaks: dict[str, float]) -> list[s
         _fmt(share["bf16"]) if precision != "fp32" else "",
         _fmt(train["epoch_s"], digits=0),
         _fmt(train["peak_mb"], digits=0),
+        _fmt(train["cpu_share"], digits=2),
         _fmt(evaluation["users_per_s"]),
         _fmt(evaluation["useful_flops_per_s"], 1e9),
         _fmt(evaluation["full_val_s"], digits=0),
         _fmt(evaluation["peak_mb"], digits=0),
+        _fmt(evaluation["cpu_share"], digits=2),
     ]
 
 

@@ -24,9 +24,10 @@ import torch.nn.functional as F
 
 from diffurec_lightning.data.datamodule import SequenceDataModule
 from diffurec_lightning.diffusion.noise import user_seed
-from diffurec_lightning.models import diffusion_module
+from diffurec_lightning.models import diffusion_module, functional
 from diffurec_lightning.models.diffusion_module import DiffusionRecModule
-from diffurec_lightning.models.layers import attention, dropout
+from diffurec_lightning.models.functional import dropout
+from diffurec_lightning.models.layers import attention
 
 torch.set_num_threads(1)
 MAX_LEN = 10
@@ -296,3 +297,59 @@ def test_attention_with_dropout_matches_sdpa_when_nothing_is_dropped() -> None:
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     torch.testing.assert_close(attention(q, k, v, mask, 1e-12, training=True), expected, **TOL)
     torch.testing.assert_close(attention(q, k, v, mask, 0.5, training=False), expected)
+
+
+# -- the lean training functions against the plain compositions, on one explicit mask ------------
+def _double(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+
+
+def test_lean_dropout_functions_pass_gradcheck() -> None:
+    torch.manual_seed(0)
+    keep = torch.rand(2, 3, 4, 5) > 0.3
+    x = _double(2, 3, 4, 5)
+    assert torch.autograd.gradcheck(lambda x: functional._MaskedScale.apply(x, keep, 1.5), (x,))
+    q, k, v = _double(2, 3, 4, 6), _double(2, 3, 5, 6), _double(2, 3, 5, 6)
+    bias = torch.zeros(2, 1, 1, 5, dtype=torch.float64)
+    bias[0, ..., :2] = float("-inf")  # padded keys
+    attend = functional._DropoutAttention.apply
+    assert torch.autograd.gradcheck(lambda *a: attend(*a, bias, keep, 1.5), (q, k, v))
+    u, weight, bias = _double(2, 4, 8), _double(3, 8), _double(3)
+    mask = torch.rand(2, 4, 8) > 0.3
+    ffn = functional._GeluDropoutLinear.apply
+    assert torch.autograd.gradcheck(lambda *a: ffn(a[0], mask, 1.5, *a[1:]), (u, weight, bias))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lean_functions_equal_the_plain_composition(dtype: torch.dtype) -> None:
+    """Same values and gradients as the autograd composition, also under bf16 autocast."""
+    torch.manual_seed(0)
+    keep = torch.rand(2, 3, 4, 6) > 0.2
+    q, k, v = (torch.randn(2, 3, n, 8, requires_grad=True) for n in (4, 6, 6))
+    bias = torch.zeros(2, 1, 1, 6)
+    bias[1, ..., :3] = float("-inf")
+    u = torch.randn(2, 4, 32, requires_grad=True)
+    mask = torch.rand(2, 4, 32) > 0.2
+    layer = torch.nn.Linear(32, 8)
+    tol = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else TOL
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        lean = [
+            functional._DropoutAttention.apply(q, k, v, bias, keep, 1.25),
+            functional._GeluDropoutLinear.apply(u, mask, 1.25, layer.weight, layer.bias),
+        ]
+        plain = [
+            torch.matmul(
+                torch.softmax((q @ k.transpose(-1, -2) / 8**0.5).float() + bias, -1) * keep * 1.25,
+                v,
+            ),
+            layer(F.gelu(u) * mask * 1.25),
+        ]
+    inputs = [q, k, v, u, layer.weight, layer.bias]
+    for a, b in zip(lean, plain, strict=True):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, **tol)
+    lean_grads = torch.autograd.grad(sum(o.float().sum() for o in lean), inputs)
+    plain_grads = torch.autograd.grad(sum(o.float().sum() for o in plain), inputs)
+    for a, b in zip(lean_grads, plain_grads, strict=True):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, **tol)

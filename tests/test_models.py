@@ -79,7 +79,9 @@ def test_item_init_choices() -> None:
     torch.manual_seed(0)
     small = ItemEmbedding(num_items=2000, hidden_size=64, dropout=0.0).table.weight.detach().std()
     ref = ItemEmbedding(num_items=2000, hidden_size=64, dropout=0.0, init="reference")
-    assert abs(float(small) - 0.02) < 0.002 and abs(float(ref.table.weight.detach().std()) - 1) < 0.05
+    assert (
+        abs(float(small) - 0.02) < 0.002 and abs(float(ref.table.weight.detach().std()) - 1) < 0.05
+    )
     with pytest.raises(ValueError, match="small_normal, reference"):
         ItemEmbedding(num_items=2, hidden_size=4, dropout=0.0, init="zeros")
 

@@ -143,6 +143,8 @@ def finished(job_id: str) -> bool:
 def slurm_env(cluster: dict[str, str], run_env: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Client environment of the cluster; jobs inherit it (outputs under run_env, toys mirror)."""
     monkeypatch.setenv("SLURM_CONF", cluster["SLURM_CONF"])
+    # Lightning derives the DDP port from the job id, which restarts at 1 on every test cluster.
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(run_env))
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(run_env / "wandb-config"))

@@ -5,45 +5,20 @@ Shape legend: B batch, L history length, Q query length, d hidden size, H heads.
 are never attended to as keys (their own outputs are computed but never read).
 
 Speed notes (docs/performance.md): projections that read the same input run as one matrix
-product (Q/K/V, K/V); dropout draws one float32 uniform per element instead of bernoulli_'s
-double (which is drawn serially on CPUs where PyTorch does not use MKL's vector generator);
-attention runs through scaled_dot_product_attention except when its probabilities need dropout.
+product (Q/K/V, K/V); dropout, attention with dropout and the feed-forward in training use the
+leaner autograd functions of functional.py; attention runs through scaled_dot_product_attention
+except when its probabilities need dropout.
 """
 
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def uniform(shape: torch.Size, device: torch.device) -> torch.Tensor:
-    """float32 U[0, 1) values with 24 random bits each, reproducible under torch.manual_seed.
-
-    On the CPU they come from NumPy's PCG64, seeded by one draw from torch's generator: it fills
-    about twice as fast as torch.rand, whose CPU kernel steps mt19937 serially, element by element.
-    """
-    if device.type != "cpu":
-        return torch.rand(shape, device=device)
-    seed = int(torch.randint(0, 2**62, (1,)))
-    values = np.random.default_rng(seed).random(math.prod(shape), dtype=np.float32)
-    return torch.from_numpy(values).view(shape)
-
-
-def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Inverted dropout: zero each element with probability p, scale the rest by 1 / (1 - p).
-
-    The mask comes from float32 uniforms (24 random bits per element, so P(drop) equals p up to
-    2^-24, whatever the dtype of x): the distribution of F.dropout, whose CPU bernoulli_ spends
-    twice the random bits and, off Intel CPUs, draws them serially.
-    """
-    if not training or p == 0.0:
-        return x
-    keep = uniform(x.shape, x.device).ge_(p).mul_(1.0 / (1.0 - p))
-    return x * keep.to(x.dtype)
+from diffurec_lightning.models.functional import dropout, dropout_attention, gelu_dropout_linear
 
 
 class Dropout(nn.Dropout):
@@ -121,10 +96,7 @@ def attention(
     """
     if not training or dropout_p == 0.0:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-    scores = torch.matmul(q, k.transpose(-2, -1)).mul_(q.shape[-1] ** -0.5)  # (B, H, Q, L)
-    scores = scores + additive_mask(attn_mask, scores.dtype)
-    probs = dropout(torch.softmax(scores, dim=-1), dropout_p, training)
-    return torch.matmul(probs, v)
+    return dropout_attention(q, k, v, additive_mask(attn_mask, torch.float32), dropout_p)
 
 
 class MultiHeadAttention(nn.Module):
@@ -193,6 +165,8 @@ class FeedForward(nn.Module):
         self.dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.dropout.p > 0:  # same function, less memory for backward
+            return gelu_dropout_linear(self.up(x), self.dropout.p, self.down.weight, self.down.bias)
         return self.down(self.dropout(F.gelu(self.up(x))))
 
 
