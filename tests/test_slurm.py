@@ -146,6 +146,10 @@ def slurm_env(cluster: dict[str, str], run_env: Path, monkeypatch: pytest.Monkey
     # Lightning derives the DDP port from the job id, which restarts at 1 on every test cluster.
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
     monkeypatch.setenv("WANDB_MODE", "offline")
+    # A process that ran wandb (earlier tests here, a user's notebook) keeps a service token in its
+    # environment, and sbatch exports it to the job. A dead one makes any wandb.init in the job
+    # fail unless the script drops it; a live one made requeued attempts collide on the run id.
+    monkeypatch.setenv("WANDB_SERVICE", f"3-{os.getpid()}-unix-{run_env}/no-such-wandb-socket")
     monkeypatch.setenv("WANDB_DIR", str(run_env))
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(run_env / "wandb-config"))
     monkeypatch.setenv("WANDB_CACHE_DIR", str(run_env / "wandb-cache"))
@@ -187,9 +191,6 @@ def test_sbatch_script_trains_two_ddp_ranks(slurm_env: Path) -> None:
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
 
 
-# Flaky under load: the requeued attempt can find its W&B run id still "in use" by the first
-# attempt's exiting logger process. Kept out of `make test` until that is fixed (make test-all).
-@pytest.mark.slow
 def test_requeue_signal_resumes_from_the_checkpoint(slurm_env: Path) -> None:
     epochs = 12
     job_id, run_dir, log = submit_tiny(slurm_env, "diffurec-test-requeue", epochs=epochs)
