@@ -34,9 +34,14 @@ def test_every_data_config_instantiates(data: str, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("experiment", names("experiment"))
 def test_every_experiment_composes_and_builds(experiment: str) -> None:
-    cfg = compose_config([f"experiment={experiment}"])
-    model_name, data_name = experiment.split("_", 1)
-    assert (cfg.model.name, cfg.data.name) == (model_name, data_name)
+    model_name, _, data_name = experiment.partition("_")
+    if model_name in names("model"):  # a paper preset: <model>_<data> picks both
+        cfg = compose_config([f"experiment={experiment}"])
+        assert (cfg.model.name, cfg.data.name) == (model_name, data_name)
+    else:  # a budget preset: applies to whatever model and data are chosen
+        cfg = compose_config(["data=beauty", "model=gru4rec", f"experiment={experiment}"])
+        assert (cfg.model.name, cfg.data.name) == ("gru4rec", "beauty")
+        assert cfg.trainer != compose_config(["data=beauty", "model=gru4rec"]).trainer
     with open_dict(cfg):
         cfg.model.num_items = 50
     instantiate(cfg.model)
