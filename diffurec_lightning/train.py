@@ -57,7 +57,29 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     except InstantiationException as exc:
         # Report the configuration mistake itself, not Hydra's wrapper around it.
         raise (_user_error(exc) or exc) from None
+    warn_if_bf16_is_emulated(trainer)
     return datamodule, model, trainer
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX-512 BF16 or AMX: without either, bf16 matrix products are emulated on the CPU."""
+    import torch
+
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def warn_if_bf16_is_emulated(trainer: L.Trainer) -> None:
+    """bf16-mixed on a CPU without bf16 instructions runs about 15x slower than fp32
+    (docs/performance.md); say so before an hour is lost, and how to fix it."""
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    precision = str(trainer.precision)
+    on_cpu = trainer.strategy.root_device.type == "cpu"
+    if precision.startswith("bf16") and on_cpu and not cpu_has_native_bf16():
+        rank_zero_warn(
+            f"trainer.precision={precision} on a CPU without AVX-512 BF16/AMX: bf16 products "
+            "are emulated and training is about 15x slower; use trainer.precision=32-true"
+        )
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -105,7 +106,13 @@ def test_ddp_on_two_processes_gives_single_process_metrics(run_env: Path) -> Non
 
 
 def test_bf16_mixed_fit_runs(run_env: Path) -> None:
-    results = run(run_env, *synthetic(2, "trainer.precision=bf16-mixed"))
+    from diffurec_lightning.train import cpu_has_native_bf16
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = run(run_env, *synthetic(2, "trainer.precision=bf16-mixed"))
+    emulated = [w for w in caught if "bf16 products are emulated" in str(w.message)]
+    assert len(emulated) == (0 if cpu_has_native_bf16() else 1)
     assert 0.0 <= results["test"]["test/ndcg@10"] <= 1.0
     assert results["val_best"]["val/hr@10"] > 0.2  # it learns in bf16 too
 
