@@ -242,11 +242,23 @@ def test_a_users_scores_do_not_depend_on_the_batch() -> None:
     assert not torch.allclose(other_seed[0], together[0])
 
 
+@pytest.mark.parametrize("name", ["ancestral", "skip"])
+def test_reverse_steps_for_the_curves_tool(name: str) -> None:
+    """steps=T' runs the configured sampler over T' levels: what model.sampler.steps=T' does."""
+    batch = batch_of([[0, 3, 4], [5, 6, 7]])
+    chosen = tiny_model(sampler={"name": name, "steps": 4})
+    free = tiny_model(sampler={"name": name})
+    with torch.no_grad():
+        torch.testing.assert_close(free.eval_scores(batch, steps=4), chosen.eval_scores(batch))
+        torch.testing.assert_close(free.eval_scores(batch, steps=20), free.eval_scores(batch))
+        assert not torch.allclose(free.eval_scores(batch, steps=2), free.eval_scores(batch))
+
+
 def test_ensemble_and_respaced_process_for_the_curves_tool() -> None:
     model = tiny_model(ensemble_size=2)
     batch = batch_of([[0, 3, 4]])
     with torch.no_grad():
-        probs = model.eval_scores(batch, diffusion=model.diffusion.respaced([0, 10, 19]))
+        probs = model.eval_scores(batch, steps=3)
     torch.testing.assert_close(probs.sum(-1), torch.ones(1))
 
 

@@ -1,6 +1,8 @@
 """How much inference can be saved: test metrics of one checkpoint against the number of reverse
-steps actually run (evenly spaced over the T trained steps, Nichol & Dhariwal respacing) and
-against the ensemble size (DiffuRecSys Algorithm 3), with the seconds each setting took.
+steps actually run (evenly spaced over the T trained steps: a respaced process for DiffuRec(Sys),
+Nichol & Dhariwal; DCRec's configured sampler over those T' levels, so with ``sampler.name=skip``
+its step skipping) and against the ensemble size (DiffuRecSys Algorithm 3), with the seconds each
+setting took.
 
 Users are a seeded random sample of the test set (``curves.max_users``); per-user evaluation
 noise makes every setting see the same users with the same noise streams.
@@ -22,9 +24,9 @@ from omegaconf import DictConfig
 from diffurec_lightning.analysis import plots
 from diffurec_lightning.analysis.files import write_json, write_text
 from diffurec_lightning.analysis.groups import metrics_from_ranks
-from diffurec_lightning.diffusion.gaussian import GaussianDiffusion, evenly_spaced_steps
 from diffurec_lightning.errors import ConfigError
 from diffurec_lightning.metrics import target_ranks
+from diffurec_lightning.models.base import DiffusionRecommender
 
 CURVE_METRICS = ("hr@10", "ndcg@10", "hr@20", "ndcg@20")
 
@@ -43,14 +45,14 @@ def test_ranks(
     indices: np.ndarray,
     batch_size: int,
     device: torch.device,
-    diffusion: GaussianDiffusion | None = None,
+    steps: int | None = None,
 ) -> np.ndarray:
-    """1-based target ranks of the selected test samples under an optional respaced process."""
+    """1-based target ranks of the selected test samples, running ``steps`` reverse steps."""
     ranks = []
     for start in range(0, len(indices), batch_size):
         batch = dataset.__getitems__(indices[start : start + batch_size].tolist())
         batch = {key: value.to(device) for key, value in batch.items()}
-        scores = model.eval_scores(batch, diffusion=diffusion)
+        scores = model.eval_scores(batch, steps=steps)
         padded = F.pad(scores, (1, 0), value=float("-inf"))  # column 0 = padding, never ranked
         ranks.append(target_ranks(padded, batch["target"]).cpu())
     return torch.cat(ranks).numpy()
@@ -68,7 +70,7 @@ def inference_curves(
 ) -> list[dict[str, Any]]:
     """One row per setting: curve ("steps" | "ensemble"), x, steps, ensemble, the metrics,
     same_rank (share of users ranked as under the full setting) and seconds."""
-    if not hasattr(model, "diffusion"):
+    if not isinstance(model, DiffusionRecommender):
         raise ConfigError("mode=curves needs a diffusion model (reverse steps and ensembles)")
     num_steps = model.diffusion.num_steps
     bad = [s for s in steps if not 1 <= s <= num_steps]
@@ -84,9 +86,8 @@ def inference_curves(
     def measure(num: int, members: int) -> tuple[np.ndarray, float]:
         if (num, members) not in cache:
             model.hparams.ensemble_size = members
-            diffusion = model.diffusion.respaced(evenly_spaced_steps(num_steps, num))
             started = time.perf_counter()
-            ranks = test_ranks(model, dataset, indices, batch_size, device, diffusion)
+            ranks = test_ranks(model, dataset, indices, batch_size, device, num)
             cache[num, members] = (ranks, time.perf_counter() - started)
         return cache[num, members]
 

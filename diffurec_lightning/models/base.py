@@ -2,7 +2,8 @@
 
 A subclass provides ``training_step`` and ``eval_scores(batch) -> (B, N)`` scores of items 1..N;
 validation, test (with per-user ranks kept for case studies) and predict_step are the same for
-all models, so every model is measured by one code path.
+all models, so every model is measured by one code path. Diffusion models derive from
+``DiffusionRecommender`` instead and provide only ``reverse`` (their reverse process).
 """
 
 from __future__ import annotations
@@ -121,3 +122,31 @@ class RecommenderModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.best = dict(checkpoint.get("best_metrics", {}))
+
+
+class DiffusionRecommender(RecommenderModule):
+    """A recommender whose reverse process reconstructs a target embedding x0 (B, d) that is
+    rounded to items through the shared item table (``self.items``).
+
+    Subclasses provide ``reverse(batch, member, steps)``: one ensemble member's x0 from per-user
+    reproducible noise, running ``steps`` evenly spaced levels of the trained T (None: the
+    configured sampling). ``hparams.ensemble_size`` members are averaged as softmax
+    distributions (DiffuRecSys Algorithm 3).
+    """
+
+    def reverse(self, batch: Batch, member: int = 0, steps: int | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def eval_scores(self, batch: Batch, steps: int | None = None) -> torch.Tensor:
+        """(B, N) ranking scores; with an ensemble, the averaged softmax distributions."""
+        members = self.hparams.ensemble_size
+        # Ranking in float32 whatever the autocast: bf16 scores would create spurious ties.
+        with torch.autocast(self.device.type, enabled=False):
+            table = self.items.table.weight[1:].float()
+
+            def scores(member: int) -> torch.Tensor:
+                return self.reverse(batch, member, steps).float() @ table.t()
+
+            if members == 1:
+                return scores(0)
+            return sum(torch.softmax(scores(m), dim=-1) for m in range(members)) / members

@@ -20,7 +20,7 @@ from diffurec_lightning.diffusion.gaussian import GaussianDiffusion
 from diffurec_lightning.diffusion.noise import UserNoise
 from diffurec_lightning.diffusion.samplers import check_sampler, sample
 from diffurec_lightning.errors import ConfigError
-from diffurec_lightning.models.base import Batch, RecommenderModule, require
+from diffurec_lightning.models.base import Batch, DiffusionRecommender, require
 from diffurec_lightning.models.dcrec import DualConditionalTransformer
 from diffurec_lightning.models.embedding import ItemEmbedding
 
@@ -77,7 +77,7 @@ def dcrec_loss_terms(
     return {"prior": prior, "mse": mse, "ce": ce}
 
 
-class DCRecModule(RecommenderModule):
+class DCRecModule(DiffusionRecommender):
     """Dual Conditional Diffusion for sequential recommendation; defaults = authors' Beauty run."""
 
     def __init__(
@@ -203,14 +203,14 @@ class DCRecModule(RecommenderModule):
 
     # -- sampling ------------------------------------------------------------------------
     def reverse_sequence(
-        self, batch: Batch, member: int = 0, diffusion: GaussianDiffusion | None = None
+        self, batch: Batch, member: int = 0, steps: int | None = None
     ) -> torch.Tensor:
         """S0_hat (B, W, d) from the configured sampler, for one ensemble member.
 
-        ``diffusion`` replaces the sampling process (e.g. a respaced one); without it the
-        sampler runs over ``sampler.steps`` levels of the trained process. Noise comes from
-        per-user streams seeded by (eval_seed, member, user) with one row per real position of
-        S, so a user's result never depends on the batch it is in.
+        The sampler runs over ``steps`` evenly spaced levels of the trained T (None: the
+        configured ``sampler.steps``); with the ``skip`` sampler that is the paper's T'. Noise
+        comes from per-user streams seeded by (eval_seed, member, user) with one row per real
+        position of S, so a user's result never depends on the batch it is in.
         """
         hp = self.hparams
         history_ids, prior_ids = diffusion_sequences(batch["seq"], hp.max_len)
@@ -232,30 +232,14 @@ class DCRecModule(RecommenderModule):
         x_T = draw() + prior_offset  # S_T = N(0, I) + delta K
         return sample(
             hp.sampler["name"],
-            diffusion or self.diffusion,
+            self.diffusion,
             denoise,
             x_T,
             draw,
-            steps=hp.sampler["steps"] if diffusion is None else None,
+            steps=hp.sampler["steps"] if steps is None else steps,
             forward_mean=prior_offset,
         )
 
-    def reverse(
-        self, batch: Batch, member: int = 0, diffusion: GaussianDiffusion | None = None
-    ) -> torch.Tensor:
+    def reverse(self, batch: Batch, member: int = 0, steps: int | None = None) -> torch.Tensor:
         """e0 (B, d): the target slot of the final S0_hat (what is rounded to items)."""
-        return self.reverse_sequence(batch, member, diffusion)[:, -1]
-
-    def eval_scores(self, batch: Batch, diffusion: GaussianDiffusion | None = None) -> torch.Tensor:
-        """(B, N) scores e0 . E^T; with an ensemble, the averaged softmax distributions."""
-        members = self.hparams.ensemble_size
-        # Ranking in float32 whatever the autocast: bf16 scores would create spurious ties.
-        with torch.autocast(self.device.type, enabled=False):
-            table = self.items.table.weight[1:].float()
-            if members == 1:
-                return self.reverse(batch, 0, diffusion).float() @ table.t()
-            probs = sum(
-                torch.softmax(self.reverse(batch, m, diffusion).float() @ table.t(), dim=-1)
-                for m in range(members)
-            )
-            return probs / members
+        return self.reverse_sequence(batch, member, steps)[:, -1]

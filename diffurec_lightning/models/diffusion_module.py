@@ -11,12 +11,12 @@ from collections.abc import Sequence
 
 import torch
 
-from diffurec_lightning.diffusion.gaussian import GaussianDiffusion
+from diffurec_lightning.diffusion.gaussian import GaussianDiffusion, evenly_spaced_steps
 from diffurec_lightning.diffusion.noise import UserNoise, offset_noise
 from diffurec_lightning.diffusion.timesteps import make_timestep_sampler
 from diffurec_lightning.errors import ConfigError
 from diffurec_lightning.models.approximators import make_approximator
-from diffurec_lightning.models.base import Batch, RecommenderModule, require
+from diffurec_lightning.models.base import Batch, DiffusionRecommender, require
 from diffurec_lightning.models.embedding import ItemEmbedding, cross_entropy
 
 # Distinct ensemble members must draw distinct noise streams for the same user.
@@ -25,7 +25,7 @@ _ENSEMBLE_SEED_STRIDE = 1_000_003
 _PREFETCH_VALUES = 1 << 24
 
 
-class DiffusionRecModule(RecommenderModule):
+class DiffusionRecModule(DiffusionRecommender):
     """DiffuRec / DiffuRecSys: which one is set by ``approximator`` and ``offset``."""
 
     def __init__(
@@ -118,14 +118,17 @@ class DiffusionRecModule(RecommenderModule):
         return loss
 
     # -- reverse process -----------------------------------------------------------------
-    def reverse(self, batch: Batch, member: int = 0, diffusion: GaussianDiffusion | None = None):
+    def reverse(self, batch: Batch, member: int = 0, steps: int | None = None) -> torch.Tensor:
         """Run the reverse process for one ensemble member; return x0 (B, d).
 
-        All noise comes from per-user streams seeded by (eval_seed, member, user), drawn in a
+        ``steps`` < T runs a respaced process over that many evenly spaced steps of the trained
+        schedule (Nichol & Dhariwal), e.g. for the inference-budget curves. All noise comes from per-user streams seeded by (eval_seed, member, user), drawn in a
         fixed order, so a user's result never depends on the batch it is in. The order per user:
         x_T, then for every step its lambda rows and (except the last step) its step noise.
         """
-        diffusion = diffusion or self.diffusion
+        diffusion = self.diffusion
+        if steps is not None and steps != diffusion.num_steps:
+            diffusion = diffusion.respaced(evenly_spaced_steps(diffusion.num_steps, steps))
         seq = batch["seq"]
         mask = seq > 0
         seed = self.hparams.eval_seed + _ENSEMBLE_SEED_STRIDE * member
@@ -155,17 +158,3 @@ class DiffusionRecModule(RecommenderModule):
         x_T = noise.vectors(dim)
         x_0, _ = diffusion.p_sample_loop(denoise, x_T, lambda _step: noise.vectors(dim))
         return x_0
-
-    def eval_scores(self, batch: Batch, diffusion: GaussianDiffusion | None = None) -> torch.Tensor:
-        """(B, N) ranking scores; with an ensemble, the averaged softmax distributions."""
-        members = self.hparams.ensemble_size
-        # Ranking in float32 whatever the autocast: bf16 scores would create spurious ties.
-        with torch.autocast(self.device.type, enabled=False):
-            table = self.items.table.weight[1:].float()
-            if members == 1:
-                return self.reverse(batch, 0, diffusion).float() @ table.t()
-            probs = sum(
-                torch.softmax(self.reverse(batch, m, diffusion).float() @ table.t(), dim=-1)
-                for m in range(members)
-            )
-            return probs / members
