@@ -295,6 +295,8 @@ def allocator_envs(mode: str) -> dict[str, dict[str, str]]:
 
 
 def machine() -> dict[str, Any]:
+    from diffurec_lightning.train import cpu_has_native_bf16
+
     cpu = platform.processor()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
@@ -311,6 +313,7 @@ def machine() -> dict[str, Any]:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "isa": torch.backends.cpu.get_cpu_capability(),
+        "bf16": "native" if cpu_has_native_bf16() else "emulated (no AVX-512 BF16/AMX)",
         "load_avg": os.getloadavg(),
     }
 
@@ -360,7 +363,8 @@ def _row(precision: str, row: dict[str, Any], peaks: dict[str, float]) -> list[s
 def print_report(results: dict[str, Any]) -> None:
     info = results["machine"]
     print(
-        f"\nmachine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, ISA {info['isa']}"
+        f"\nmachine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, ISA {info['isa']}, "
+        f"CPU bf16 {info.get('bf16', '?')}"
     )
     print(f"config:  {' '.join(results['overrides'])}")
     options = results["options"]
@@ -430,6 +434,12 @@ def main(argv: list[str]) -> dict[str, Any]:
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
         run_worker(sys.argv[2])
+    elif {"-h", "--help"} & set(sys.argv[1:]):
+        print(__doc__)
+        print(
+            "bench.<key>=<value> options:",
+            ", ".join(f.name for f in dataclasses.fields(BenchOptions)),
+        )
     else:
         try:
             main(sys.argv[1:])
