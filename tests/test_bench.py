@@ -1,0 +1,45 @@
+"""`make bench` keeps working: a minimal real run on toys (one timed step each, a small model).
+
+The figures themselves are not asserted against targets here (timing belongs in benchmarks and
+docs/performance.md, not in unit tests); what is checked is that every column is measured and
+consistent with the definitions: padding fractions, useful FLOP/s against the measured peak.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from diffurec_lightning.bench import BenchOptions, main
+from diffurec_lightning.errors import ConfigError
+
+SMALL = ["model.num_blocks=1", "model.num_steps=2", "data.batch_size=64", "data.eval_batch_size=64"]
+
+
+def test_bench_measures_every_column(run_env: Path, capsys: pytest.CaptureFixture) -> None:
+    out = run_env / "bench.json"
+    args = ["bench.warmup_steps=1", "bench.train_steps=1", "bench.eval_batches=1"]
+    args += ["bench.precisions=fp32", f"bench.json={out}", "data=toys", "model=diffurecsys"]
+    results = main([*args, *SMALL])
+    printed = capsys.readouterr().out
+    assert "train samples/s" in printed and "eval users/s" in printed
+    assert json.loads(out.read_text()) == json.loads(json.dumps(results))
+
+    (block,) = results["runs"].values()
+    assert block["peaks"]["fp32"] > 1e9  # any CPU of this decade does a GFLOP/s
+    train, evaluation = block["precisions"]["fp32"]["train"], block["precisions"]["fp32"]["eval"]
+    assert train["num_samples"] == 109_361 and evaluation["num_users"] == 19_412
+    assert 0 < train["padding_fraction"] < 0.5  # bucketed: far below the unbucketed 84%
+    assert train["samples_per_s"] > 0 and evaluation["users_per_s"] > 0
+    assert train["epoch_s"] == pytest.approx(train["num_samples"] / train["samples_per_s"])
+    assert 0 < train["useful_flops_per_s"] < block["peaks"]["fp32"] * 1.5
+    assert train["peak_mb"] > 100 and evaluation["peak_mb"] > 100
+
+
+def test_bench_options_are_checked() -> None:
+    with pytest.raises(ConfigError, match="unknown option bench.steps"):
+        BenchOptions.parse(["bench.steps=3"])
+    with pytest.raises(ConfigError, match="bench.precisions: unknown 'fp8'"):
+        BenchOptions.parse(["bench.precisions=fp8"])
