@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from diffurec_lightning.errors import ConfigError
 from diffurec_lightning.models.approximators import APPROXIMATORS, make_approximator
 from diffurec_lightning.models.diffusion_module import DiffusionRecModule
 from diffurec_lightning.models.embedding import ItemEmbedding
@@ -122,3 +123,19 @@ def test_ensemble_averages_member_distributions() -> None:
         members = [torch.softmax(model.reverse(batch, m) @ table.t(), -1) for m in range(3)]
     torch.testing.assert_close(ensemble, sum(members) / 3)
     torch.testing.assert_close(ensemble.sum(-1), torch.ones(2))
+
+
+def test_eval_steps_run_a_respaced_reverse_process() -> None:
+    batch = {"seq": torch.tensor([[0, 1, 2], [4, 5, 6]]), "user": torch.tensor([0, 1])}
+
+    def model(**extra) -> DiffusionRecModule:
+        torch.manual_seed(0)
+        return DiffusionRecModule(num_items=30, **SIZES, **extra).eval()
+
+    with torch.no_grad():
+        full, fewer = model().eval_scores(batch), model(eval_steps=2).eval_scores(batch)
+        torch.testing.assert_close(fewer, model().eval_scores(batch, steps=2))
+        torch.testing.assert_close(model(eval_steps=8).eval_scores(batch), full)
+    assert not torch.allclose(fewer, full)
+    with pytest.raises(ConfigError, match=r"model.eval_steps must lie in 1..num_steps \(8\)"):
+        model(eval_steps=9)

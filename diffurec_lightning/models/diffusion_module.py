@@ -49,6 +49,7 @@ class DiffusionRecModule(DiffusionRecommender):
         delta: float = 0.001,
         offset: float = 0.0,
         ensemble_size: int = 1,
+        eval_steps: int | None = None,
         eval_seed: int = 0,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
@@ -65,6 +66,10 @@ class DiffusionRecModule(DiffusionRecommender):
         require(hidden_size >= 2 and num_blocks >= 1, "model.hidden_size >= 2 and num_blocks >= 1")
         require(hidden_size % num_heads == 0, "model.hidden_size must be divisible by num_heads")
         require(ensemble_size >= 1, f"model.ensemble_size must be >= 1, got {ensemble_size}")
+        require(
+            eval_steps is None or 1 <= eval_steps <= num_steps,
+            f"model.eval_steps must lie in 1..num_steps ({num_steps}) or be null, got {eval_steps}",
+        )
         super().__init__(
             lr=lr,
             weight_decay=weight_decay,
@@ -122,11 +127,12 @@ class DiffusionRecModule(DiffusionRecommender):
         """Run the reverse process for one ensemble member; return x0 (B, d).
 
         ``steps`` < T runs a respaced process over that many evenly spaced steps of the trained
-        schedule (Nichol & Dhariwal), e.g. for the inference-budget curves. All noise comes from per-user streams seeded by (eval_seed, member, user), drawn in a
+        schedule (Nichol & Dhariwal); None means ``eval_steps`` (None: all T). All noise comes from per-user streams seeded by (eval_seed, member, user), drawn in a
         fixed order, so a user's result never depends on the batch it is in. The order per user:
         x_T, then for every step its lambda rows and (except the last step) its step noise.
         """
         diffusion = self.diffusion
+        steps = self.hparams.get("eval_steps") if steps is None else steps
         if steps is not None and steps != diffusion.num_steps:
             diffusion = diffusion.respaced(evenly_spaced_steps(diffusion.num_steps, steps))
         seq = batch["seq"]
