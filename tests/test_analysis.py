@@ -13,6 +13,7 @@ import pytest
 from scipy import stats
 
 from diffurec_lightning.analysis import groups, plots
+from diffurec_lightning.analysis.curves import curves_figure, curves_markdown
 from diffurec_lightning.analysis.report import build_report, main
 from diffurec_lightning.analysis.seeds import load_runs, paired_ttest, summary_rows, ttest_rows
 from diffurec_lightning.errors import ConfigError, DiffuRecError
@@ -215,6 +216,40 @@ def test_report_markdown_figure_and_wandb_files(tmp_path: Path, monkeypatch) -> 
     assert png_size(tmp_path / "docs" / "figures" / "case_studies_toys.png") == (1000, 400)
     offline = list((tmp_path / "wb" / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(offline) == 1 and offline[0].stat().st_size > 0
+
+
+def test_report_includes_tsne_pictures_and_inference_curves(tmp_path: Path) -> None:
+    fake_runs(tmp_path / "runs")
+    rng = np.random.default_rng(0)
+    for seed in (1, 2):  # the report shows the lowest seed's picture
+        plots.embedding_scatter(
+            rng.normal(size=(20, 2)), rng.integers(0, 3, 20), rng.random(20) < 0.5,
+            tmp_path / "runs" / f"diffurecsys_s{seed}" / "tsne.png", title=f"seed {seed}",
+        )  # fmt: skip
+    curves = tmp_path / "eval" / "12-00-00_curves"
+    rows = [
+        {"curve": "steps", "x": s, "steps": s, "ensemble": 1, "hr@10": 0.1 * s, "ndcg@10": 0.05,
+         "hr@20": 0.2, "ndcg@20": 0.06, "same_rank": 1.0, "seconds": 2.0}
+        for s in (1, 2)
+    ] + [{"curve": "ensemble", "x": 2, "steps": 2, "ensemble": 2, "hr@10": 0.3, "ndcg@10": 0.05,
+          "hr@20": 0.2, "ndcg@20": 0.06, "same_rank": 0.9, "seconds": 4.0}]  # fmt: skip
+    curves.mkdir(parents=True)
+    (curves / "curves.md").write_text(curves_markdown(rows, 100, "diffurecsys on toys"))
+    curves_figure(rows, curves / "curves.png", "diffurecsys on toys")
+    (curves / ".hydra").mkdir()
+    (curves / ".hydra" / "overrides.yaml").write_text("- mode=curves\n- ckpt_path=x.ckpt\n")
+    out, figures = tmp_path / "docs" / "report.md", tmp_path / "docs" / "figures"
+    build_report([tmp_path / "runs"], "diffurec", out, figures, curve_dirs=[curves])
+    text = out.read_text()
+    assert "![t-SNE of x0, diffurecsys on toys, seed 1](figures/tsne_toys_diffurecsys.png)" in text
+    assert "tsne_toys_diffurec.png" not in text  # no picture in those run folders
+    copied = figures / "tsne_toys_diffurecsys.png"
+    assert copied.read_bytes() == (tmp_path / "runs" / "diffurecsys_s1" / "tsne.png").read_bytes()
+    assert "| steps | 2 | 1 | 0.2000 |" in text
+    assert "`python -m diffurec_lightning.eval mode=curves ckpt_path=x.ckpt`" in text
+    assert png_size(figures / "curves_0_12-00-00_curves.png") == png_size(curves / "curves.png")
+    with pytest.raises(DiffuRecError, match="no curves.md/curves.png"):
+        build_report([tmp_path / "runs"], "diffurec", out, figures, curve_dirs=[tmp_path])
 
 
 def test_report_errors_are_one_line(tmp_path: Path, capsys) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -41,3 +42,8 @@ def write_text(path: str | Path, text: str) -> Path:
 
 def write_parquet(path: str | Path, frame: pl.DataFrame) -> Path:
     return write_atomic(path, frame.write_parquet)
+
+
+def copy_file(source: str | Path, target: str | Path) -> Path:
+    """Copy ``source`` onto ``target`` atomically."""
+    return write_atomic(target, lambda tmp: shutil.copyfile(source, tmp))

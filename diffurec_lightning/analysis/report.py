@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from diffurec_lightning.analysis import plots
-from diffurec_lightning.analysis.files import write_text
+from diffurec_lightning.analysis.files import copy_file, write_text
 from diffurec_lightning.analysis.seeds import (
     CASE_METRICS,
     METRICS,
@@ -100,6 +100,7 @@ def render_markdown(
     figures: dict[str, str],
     command: str,
     title: str = "Seed report",
+    sections: Sequence[str] = (),
 ) -> str:
     summary, tests, cases = summary_rows(runs), ttest_rows(runs, baseline), case_rows(runs)
     out = [
@@ -183,6 +184,8 @@ def render_markdown(
         )
     for caption, path in figures.items():
         out += ["", f"![{caption}]({path})"]
+    for section in sections:
+        out += ["", section.rstrip()]
     out += ["", "## Budget and settings", ""] + budget_lines(runs)
     out += ["", "## Runs", ""]
     out += _table(
@@ -238,6 +241,53 @@ def case_study_figures(
         )
         figures[f"Case studies on {dataset}"] = path
     return figures
+
+
+def representation_section(runs: Sequence[Run], figure_dir: Path, out_dir: Path) -> str | None:
+    """The t-SNE picture (tsne.png) of each (dataset, model)'s lowest seed that has one, copied
+    next to the report; None when no run has one (callback off, or a classic model)."""
+    pictures = []
+    for (dataset, model), seeds in sorted(by_config(runs).items()):
+        having = [
+            seeds[seed]
+            for seed in sorted(seeds)
+            if (Path(seeds[seed]["dir"]) / "tsne.png").is_file()
+        ]
+        if having:
+            run = having[0]
+            source = Path(run["dir"]) / "tsne.png"
+            target = figure_dir / f"tsne_{dataset}_{model}.png"
+            copy_file(source, target)
+            caption = f"t-SNE of x0, {model} on {dataset}, seed {run['seed']}"
+            pictures.append(f"![{caption}]({os.path.relpath(target, out_dir)})")
+    if not pictures:
+        return None
+    intro = (
+        "Reconstructed target representations x0 of a seeded sample of test users (one reverse "
+        "process each), coloured by k-means cluster; crosses mark users whose target is a "
+        "long-tail item. From each run folder's tsne.png (the representation callback at test)."
+    )
+    return "\n\n".join(["## Representations (t-SNE)", intro, *pictures])
+
+
+def curves_section(curve_dirs: Sequence[str | Path], figure_dir: Path, out_dir: Path) -> str:
+    """Tables and plots of ``make curves`` outputs (curves.md, curves.png), with their commands."""
+    parts = ["## Inference budget: reverse steps and ensemble size"]
+    for index, folder in enumerate(map(Path, curve_dirs)):
+        table, picture = folder / "curves.md", folder / "curves.png"
+        if not table.is_file() or not picture.is_file():
+            raise DiffuRecError(f"--curves {folder}: no curves.md/curves.png (run make curves)")
+        target = figure_dir / f"curves_{index}_{folder.name}.png"
+        copy_file(picture, target)
+        parts.append(table.read_text().rstrip())
+        overrides = folder / ".hydra" / "overrides.yaml"
+        if overrides.is_file():
+            args = [
+                line[2:].strip() for line in overrides.read_text().splitlines() if line[:2] == "- "
+            ]
+            parts.append(f"Command: `python -m diffurec_lightning.eval {' '.join(args)}`")
+        parts.append(f"![inference budget]({os.path.relpath(target, out_dir)})")
+    return "\n\n".join(parts)
 
 
 def _group_label(group: str, labels: dict[str, str]) -> str:
@@ -296,6 +346,7 @@ def build_report(
     wandb_dir: str | Path | None = None,
     title: str = "Seed report",
     command: str = "python -m diffurec_lightning.analysis.report",
+    curve_dirs: Sequence[str | Path] = (),
 ) -> dict[str, Any]:
     """Load runs, write the markdown (and figures), log to W&B; return the computed tables."""
     runs, notes = load_runs(runs_dirs)
@@ -308,7 +359,15 @@ def build_report(
     out = Path(out)
     figures = case_study_figures(runs, Path(figure_dir)) if figure_dir else {}
     links = {k: os.path.relpath(p, out.parent) for k, p in figures.items()}
-    write_text(out, render_markdown(runs, baseline, notes, links, command, title))
+    sections = []
+    if figure_dir:
+        representation = representation_section(runs, Path(figure_dir), out.parent)
+        sections += [representation] if representation else []
+        if curve_dirs:
+            sections.append(curves_section(curve_dirs, Path(figure_dir), out.parent))
+    elif curve_dirs:
+        raise DiffuRecError("--curves needs --figures: the plots are copied next to the report")
+    write_text(out, render_markdown(runs, baseline, notes, links, command, title, sections))
     if wandb_dir is not None:
         log_to_wandb(runs, baseline, figures, Path(wandb_dir))
     return {
@@ -334,6 +393,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--title", default="Seed report")
     parser.add_argument(
+        "--curves", nargs="*", default=[], help="make curves output folders to include"
+    )
+    parser.add_argument(
         "--wandb-dir", default="outputs/reports", help="where the offline W&B run goes"
     )
     parser.add_argument("--no-wandb", action="store_true", help="skip W&B logging")
@@ -350,6 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             None if args.no_wandb else args.wandb_dir,
             args.title,
             command.strip(),
+            args.curves,
         )
     except DiffuRecError as exc:
         print(f"error: {exc}", file=sys.stderr)
