@@ -170,6 +170,28 @@ def _top_ops(prof: Any, job: dict[str, Any]) -> str:
     return table
 
 
+def _timed(
+    job: dict[str, Any], device: torch.device, step: Any, picked: list[np.ndarray]
+) -> dict[str, Any]:
+    """Run ``step`` over the picked batches under the optional profiler: counts and rates."""
+    with _profiler(job) as prof:
+        count, useful, started, cpu = 0, 0.0, time.perf_counter(), time.process_time()
+        for batch in picked:
+            size, work = step(batch.tolist())
+            count += size
+            useful = useful + work if work is not None else None
+        _sync(device)
+        elapsed = time.perf_counter() - started
+        cpu = time.process_time() - cpu
+    return {
+        "count": count,
+        "per_s": count / elapsed,
+        "useful_flops_per_s": useful / elapsed if useful is not None else None,
+        "cpu_share": cpu / (elapsed * torch.get_num_threads()),
+        "profile": _top_ops(prof, job),
+    }
+
+
 def measure_train(job: dict[str, Any]) -> dict[str, Any]:
     device = torch.device(job["device"])
     cfg, datamodule, model = _setup(job["overrides"], device)
@@ -194,21 +216,13 @@ def measure_train(job: dict[str, Any]) -> dict[str, Any]:
     for batch in widest[: job["warmup_steps"]]:
         step(batch.tolist())
     _sync(device)
-    with _profiler(job) as prof:
-        samples, useful, started, cpu = 0, 0.0, time.perf_counter(), time.process_time()
-        for batch in picked:
-            count, work = step(batch.tolist())
-            samples += count
-            useful = useful + work if work is not None else None
-        _sync(device)
-        elapsed = time.perf_counter() - started
-        cpu = time.process_time() - cpu
+    timed = _timed(job, device, step, picked)
     return {
-        "cpu_share": cpu / (elapsed * torch.get_num_threads()),
-        "profile": _top_ops(prof, job),
-        "samples_per_s": samples / elapsed,
-        "useful_flops_per_s": useful / elapsed if useful is not None else None,
-        "epoch_s": len(dataset) / (samples / elapsed),
+        "cpu_share": timed["cpu_share"],
+        "profile": timed["profile"],
+        "samples_per_s": timed["per_s"],
+        "useful_flops_per_s": timed["useful_flops_per_s"],
+        "epoch_s": len(dataset) / timed["per_s"],
         "num_samples": len(dataset),
         "padding_fraction": datamodule.padding_fraction("train"),
         "peak_mb": peak_memory_mb(device),
@@ -234,23 +248,15 @@ def measure_eval(job: dict[str, Any]) -> dict[str, Any]:
         widest = max(batches, key=lambda b: int(dataset.lengths[b].max()))
         step(widest.tolist())  # warm-up on the widest batch: the peak memory is the pass's peak
         _sync(device)
-        with _profiler(job) as prof:
-            users, useful, started, cpu = 0, 0.0, time.perf_counter(), time.process_time()
-            for batch in picked:
-                count, work = step(batch.tolist())
-                users += count
-                useful = useful + work if work is not None else None
-            _sync(device)
-            elapsed = time.perf_counter() - started
-        cpu = time.process_time() - cpu
+        timed = _timed(job, device, step, picked)
     return {
-        "cpu_share": cpu / (elapsed * torch.get_num_threads()),
-        "profile": _top_ops(prof, job),
-        "users_per_s": users / elapsed,
-        "useful_flops_per_s": useful / elapsed if useful is not None else None,
-        "full_val_s": len(dataset) / (users / elapsed),
+        "cpu_share": timed["cpu_share"],
+        "profile": timed["profile"],
+        "users_per_s": timed["per_s"],
+        "useful_flops_per_s": timed["useful_flops_per_s"],
+        "full_val_s": len(dataset) / timed["per_s"],
         "num_users": len(dataset),
-        "timed_users": users,
+        "timed_users": timed["count"],
         "padding_fraction": datamodule.padding_fraction("val"),
         "peak_mb": peak_memory_mb(device),
     }
