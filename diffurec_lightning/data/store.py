@@ -61,8 +61,11 @@ class SequenceStore:
         return self.items[self.offsets[user] : self.offsets[user + 1]]
 
 
-def validate_sequences(sequences: pl.DataFrame, num_items: int, source: str) -> None:
-    """Check the invariants every cached dataset keeps; raise a one-line DataError otherwise."""
+def validate_sequences(sequences: pl.DataFrame, num_items: int, source: str) -> np.ndarray:
+    """Check the invariants every cached dataset keeps; raise a one-line DataError otherwise.
+
+    Returns the flattened item ids (all users' sequences, in order), which the check needs anyway.
+    """
     missing = {"user", "items"} - set(sequences.columns)
     if missing:
         raise DataError(
@@ -82,12 +85,12 @@ def validate_sequences(sequences: pl.DataFrame, num_items: int, source: str) -> 
             f"needs at least {MIN_SEQUENCE_LENGTH} (training, validation and test item)"
         )
     flat = sequences["items"].explode().to_numpy()
-    bad = np.flatnonzero((flat < 1) | (flat > num_items))
-    if len(bad):
+    if flat.min() < 1 or flat.max() > num_items:  # only then pay for the mask temporaries
+        bad = int(flat[np.flatnonzero((flat < 1) | (flat > num_items))[0]])
         raise DataError(
-            f"{source}: item id {int(flat[bad[0]])} is out of range 1..{num_items} "
-            "(0 is reserved for padding)"
+            f"{source}: item id {bad} is out of range 1..{num_items} (0 is reserved for padding)"
         )
+    return flat
 
 
 def write_cache(
@@ -103,11 +106,10 @@ def write_cache(
     sequences = sequences.select(
         pl.col("user").cast(pl.Int32), pl.col("items").cast(pl.List(pl.Int32))
     )
-    validate_sequences(sequences, num_items, str(cache_dir))
+    flat = validate_sequences(sequences, num_items, str(cache_dir)).astype(np.int32, copy=False)
     if len(user_ids) != sequences.height:
         raise DataError(f"{cache_dir}: {len(user_ids)} user ids for {sequences.height} users")
 
-    flat = sequences["items"].explode().to_numpy().astype(np.int32)
     offsets = np.zeros(sequences.height + 1, dtype=np.int64)
     np.cumsum(sequences["items"].list.len().to_numpy(), out=offsets[1:])
     meta = {
