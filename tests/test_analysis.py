@@ -278,3 +278,30 @@ def test_figures_are_pngs_of_the_expected_size(tmp_path: Path) -> None:
     assert png_size(scatter) == (600, 600)
     assert all(p.stat().st_size < 300_000 for p in (bars, lines, scatter))
     assert not list(tmp_path.glob("*.tmp"))  # atomic writes leave no temp files
+
+
+def test_curve_ranks_come_back_in_the_order_asked(tmp_path: Path) -> None:
+    """Users are batched by length inside test_ranks; every rank must land on its own user."""
+    import torch
+
+    from diffurec_lightning.analysis.curves import test_ranks
+    from diffurec_lightning.data.datamodule import SequenceDataModule
+    from diffurec_lightning.models.diffusion_module import DiffusionRecModule
+
+    datamodule = SequenceDataModule(
+        name="synthetic", data_dir=str(tmp_path), max_len=10, batch_size=8, eval_batch_size=8,
+        num_users=40, num_items=30, synthetic_seed=1,
+    )  # fmt: skip
+    datamodule.setup()
+    dataset = datamodule.dataset("test")
+    assert len(set(dataset.lengths.tolist())) > 2  # lengths differ: the batching reorders
+    torch.manual_seed(0)
+    model = DiffusionRecModule(
+        num_items=datamodule.num_items, hidden_size=16, num_blocks=1, num_heads=2, num_steps=4,
+        max_len=10,
+    ).eval()  # fmt: skip
+    picked = np.random.default_rng(0).permutation(len(dataset))[:25]
+    cpu = torch.device("cpu")
+    batched = test_ranks(model, dataset, picked, 8, cpu)
+    alone = [test_ranks(model, dataset, picked[i : i + 1], 1, cpu)[0] for i in range(len(picked))]
+    assert batched.tolist() == alone

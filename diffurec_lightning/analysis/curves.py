@@ -47,15 +47,20 @@ def test_ranks(
     device: torch.device,
     steps: int | None = None,
 ) -> np.ndarray:
-    """1-based target ranks of the selected test samples, running ``steps`` reverse steps."""
+    """1-based target ranks of the selected test samples (in the order given), running ``steps``
+    reverse steps. Users are batched by history length, as validation is: a random sample padded
+    to its longest history would be mostly padding."""
+    order = np.argsort(dataset.lengths[indices], kind="stable")
     ranks = []
     for start in range(0, len(indices), batch_size):
-        batch = dataset.__getitems__(indices[start : start + batch_size].tolist())
+        batch = dataset.__getitems__(indices[order[start : start + batch_size]].tolist())
         batch = {key: value.to(device) for key, value in batch.items()}
         scores = model.eval_scores(batch, steps=steps)
         padded = F.pad(scores, (1, 0), value=float("-inf"))  # column 0 = padding, never ranked
         ranks.append(target_ranks(padded, batch["target"]).cpu())
-    return torch.cat(ranks).numpy()
+    out = np.empty(len(indices), dtype=np.int64)
+    out[order] = torch.cat(ranks).numpy()
+    return out
 
 
 def inference_curves(
