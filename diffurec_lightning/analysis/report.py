@@ -12,6 +12,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -400,7 +401,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--no-wandb", action="store_true", help="skip W&B logging")
     args = parser.parse_args(argv)
-    command = "python -m diffurec_lightning.analysis.report " + " ".join(
+    command = "python -m diffurec_lightning.analysis.report " + shlex.join(
         argv if argv is not None else sys.argv[1:]
     )
     try:
