@@ -17,8 +17,8 @@ from torch import nn
 
 from diffurec_lightning.models.layers import (
     MultiHeadAttention,
+    StepEmbedding,
     key_padding_bias,
-    sinusoidal_embedding,
     xavier_init,
 )
 
@@ -41,23 +41,6 @@ ATTENTION_MASKS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
     "keys": _padded_keys,
     "queries": _padded_queries,
 }
-
-
-class DCRecStepEmbedding(nn.Module):
-    """sinusoidal(d) of t * 1000 / T -> Linear(d, 2d) -> GELU -> Linear(2d, d)."""
-
-    def __init__(self, hidden_size: int, num_steps: int) -> None:
-        super().__init__()
-        self.hidden_size = hidden_size
-        self.scale = 1000.0 / num_steps
-        self.mlp = nn.Sequential(
-            nn.Linear(hidden_size, 2 * hidden_size),
-            nn.GELU(),
-            nn.Linear(2 * hidden_size, hidden_size),
-        )
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(sinusoidal_embedding(t * self.scale, self.hidden_size))  # (B, d)
 
 
 class CondLayerNorm(nn.Module):
@@ -152,7 +135,7 @@ class DualConditionalTransformer(nn.Module):
                 f"choose one of: {', '.join(ATTENTION_MASKS)}"
             )
         self.masking = ATTENTION_MASKS[attention_mask]
-        self.step_embedding = DCRecStepEmbedding(hidden_size, num_steps)
+        self.step_embedding = StepEmbedding(hidden_size, num_steps, expansion=2, activation=nn.GELU)
         self.blocks = nn.ModuleList(
             DualConditionalBlock(hidden_size, num_heads, dropout) for _ in range(num_blocks)
         )

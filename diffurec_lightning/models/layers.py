@@ -42,17 +42,24 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0)
 
 
 class StepEmbedding(nn.Module):
-    """d_s: sinusoidal embedding of the step rescaled to s * 1000 / T, then an MLP (d -> 4d -> d)."""
+    """d_s: sinusoidal embedding of the step rescaled to s * 1000 / T, then an MLP
+    (d -> expansion d -> d; DiffuRec: 4 and SiLU, DCRec: 2 and GELU)."""
 
-    def __init__(self, hidden_size: int, num_steps: int) -> None:
+    def __init__(
+        self,
+        hidden_size: int,
+        num_steps: int,
+        expansion: int = 4,
+        activation: type[nn.Module] = nn.SiLU,
+    ) -> None:
         super().__init__()
         self.hidden_size = hidden_size
         self.num_steps = num_steps
         self.scale = 1000.0 / num_steps
         self.mlp = nn.Sequential(
-            nn.Linear(hidden_size, 4 * hidden_size),
-            nn.SiLU(),
-            nn.Linear(4 * hidden_size, hidden_size),
+            nn.Linear(hidden_size, expansion * hidden_size),
+            activation(),
+            nn.Linear(expansion * hidden_size, hidden_size),
         )
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
