@@ -22,6 +22,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffurec_lightning.errors import DiffuRecError
+from diffurec_lightning.launch.requeue import cluster_plugins
 
 
 def instantiate_group(group: DictConfig | None) -> list[Any]:
@@ -49,10 +50,12 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
         with open_dict(cfg):
             cfg.model.num_items = datamodule.num_items
         model = instantiate(cfg.model)
+        callbacks = instantiate_group(cfg.get("callbacks"))
         trainer = instantiate(
             cfg.trainer,
             logger=instantiate_group(cfg.get("logger")) or False,
-            callbacks=instantiate_group(cfg.get("callbacks")),
+            callbacks=callbacks,
+            plugins=cluster_plugins(callbacks) or None,
         )
     except InstantiationException as exc:
         # Report the configuration mistake itself, not Hydra's wrapper around it.
@@ -113,8 +116,8 @@ def _checkpoint_callback(trainer: L.Trainer) -> Any:
 def resume_checkpoint(cfg: DictConfig, trainer: L.Trainer) -> str | None:
     """``ckpt_path=auto``: the newest checkpoint of this run folder, or None for a fresh start.
 
-    Candidates are Lightning's SLURM requeue checkpoints (``hpc_ckpt_<n>.ckpt`` in the trainer's
-    root dir, written when the requeue signal arrives) and ModelCheckpoint's ``last.ckpt``; a
+    Candidates are the SLURM requeue checkpoints (``hpc_ckpt_<n>.ckpt`` in the trainer's root
+    dir, written by launch.requeue.SlurmRequeue when the requeue signal arrives) and ModelCheckpoint's ``last.ckpt``; a
     requeued job keeps its run folder (keyed by the job id), so it continues where it stopped.
     Any other value is passed to Lightning unchanged.
     """

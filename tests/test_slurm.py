@@ -13,6 +13,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -135,6 +136,28 @@ def wait_for(predicate, timeout: float, what: str, log: Path) -> None:
     raise AssertionError(f"timed out after {timeout} s waiting for {what}; log tail:\n{tail}")
 
 
+def rank_pid(job_id: str, rank: int) -> int:
+    """PID of the training process of global rank ``rank`` (not of its children)."""
+    done = subprocess.run(
+        ["scontrol", "listpids", job_id], capture_output=True, text=True, check=True
+    )
+    # Columns: PID JOBID STEPID LOCALID GLOBALID; the batch step runs the shell script.
+    rows = [line.split() for line in done.stdout.splitlines()[1:]]
+    pids = {int(row[0]) for row in rows if len(row) == 5 and row[4] == str(rank)}
+    roots = [pid for pid in pids if parent_pid(pid) not in pids and is_training(pid)]
+    assert len(roots) == 1, f"rank {rank} of job {job_id}: {done.stdout}"
+    return roots[0]
+
+
+def parent_pid(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[1])  # the command name may contain spaces
+
+
+def is_training(pid: int) -> bool:
+    return b"diffurec_lightning.train" in Path(f"/proc/{pid}/cmdline").read_bytes()
+
+
 def finished(job_id: str) -> bool:
     return job_info(job_id)["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
 
@@ -198,8 +221,11 @@ def test_requeue_signal_resumes_from_the_checkpoint(slurm_env: Path) -> None:
     wait_for(lambda: last.is_file() or finished(job_id), 300, "the first checkpoint", log)
     assert not finished(job_id), "the job ended before it could be signalled"
 
-    # What SLURM sends --signal-lead seconds before the time limit, sent now to every task.
-    subprocess.run(["scancel", "--signal=USR1", job_id], check=True)
+    # What SLURM sends --signal-lead seconds before the time limit, sent now, and only to rank 1:
+    # the ranks must agree to stop at one step (with Lightning's own handler, the signalled rank
+    # checkpoints alone and waits in a barrier while the other waits in the gradient all-reduce:
+    # the job hangs, as it did on CI), and rank 0, which saw no signal, must requeue.
+    os.kill(rank_pid(job_id, rank=1), signal.SIGUSR1)
     wait_for(lambda: job_info(job_id).get("Restarts") == "1", 120, "the requeue", log)
     # A requeued job waits ~2 minutes (BeginTime) before it may start again; skip the wait.
     wait_for(lambda: job_info(job_id)["JobState"] == "PENDING", 60, "PENDING", log)

@@ -6,11 +6,12 @@
 The generated script starts one task per device with ``srun`` (Lightning's SLURMEnvironment
 takes ranks and world size from SLURM; a plain ``python`` in a multi-task job would hang waiting
 for ranks that never start). ``--signal=SIGUSR1@<lead>`` asks SLURM for SIGUSR1 before the time
-limit; Lightning's handler saves ``hpc_ckpt_<n>.ckpt`` into the run folder and runs ``scontrol
-requeue``. The run folder is keyed by the job id, which a requeued job keeps, and
-``ckpt_path=auto`` resumes from the newest checkpoint in it; the W&B run id is derived from the
-job id as well, so the requeued job continues the same W&B run (WandbLogger resumes with
-resume="allow"). Lightning is the only owner of requeue here.
+limit; the SlurmRequeue callback (launch/requeue.py, in the default callbacks) has every rank
+save ``hpc_ckpt_<n>.ckpt`` into the run folder at the next shared step and runs ``scontrol
+requeue`` (Lightning's own handler, which can deadlock DDP ranks, is switched off). The run folder
+is keyed by the job id, which a requeued job keeps, and ``ckpt_path=auto`` resumes from the newest
+checkpoint in it; the W&B run id is derived from the job id as well, so the requeued job continues
+the same W&B run (WandbLogger resumes with resume="allow").
 """
 
 from __future__ import annotations
