@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -57,3 +59,26 @@ def test_under_slurm_lightnings_own_requeue_is_off(monkeypatch: pytest.MonkeyPat
 def test_bad_settings_are_config_errors(kwargs: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         SlurmRequeue(**kwargs)
+
+
+def test_the_signal_only_raises_a_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under SLURM the handler is installed for every stage and does nothing but note the signal
+    (a real SIGUSR1 to this process, which would otherwise end it); teardown restores the old one."""
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("SLURM_JOB_NAME", "diffurec-toys")
+    previous = signal.getsignal(signal.SIGUSR1)
+    callback = SlurmRequeue()
+    callback.setup(None, None, stage="test")  # the hooks read nothing from these outside fit
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert callback.signalled
+    finally:
+        callback.teardown(None, None, stage="test")
+    assert signal.getsignal(signal.SIGUSR1) == previous
+
+
+def test_outside_slurm_no_handler_is_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SLURM_NTASKS", raising=False)
+    previous = signal.getsignal(signal.SIGUSR1)
+    SlurmRequeue().setup(None, None, stage="fit")
+    assert signal.getsignal(signal.SIGUSR1) == previous

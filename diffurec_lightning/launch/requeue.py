@@ -11,7 +11,8 @@ all-reduce of a single number, whether any of them was signalled; if so, all of 
 ``hpc_ckpt_<n>.ckpt`` together (the name ``ckpt_path=auto`` resumes from), rank 0 runs
 ``scontrol requeue``, and every rank waits for SLURM to end this attempt. The signal lead
 (``--signal-lead``) must therefore cover one training step plus, if the signal can arrive
-during one, a whole validation pass.
+during one, a whole validation pass. Outside training (the test after fit) the signal is
+noted and nothing else happens.
 """
 
 from __future__ import annotations
@@ -94,8 +95,11 @@ class SlurmRequeue(Callback):
         self.signalled = True
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "fit" or not under_slurm_batch():
+        # Installed for every stage: a signal during the final test is only noted, so the test
+        # may still finish within the lead instead of SIGUSR1's default action ending it.
+        if self._installed or not under_slurm_batch():
             return
+        self.signalled = False
         self._previous = signal.signal(self.signum, self._on_signal)
         self._installed = True
 
