@@ -69,6 +69,37 @@ def _validate(cfg_overrides: list[str], tmp_path: Path, ckpt: str) -> dict[str, 
     return metrics
 
 
+def test_every_epoch_trains_on_its_own_batch_order(run_env: Path) -> None:
+    """Lightning hands the epoch to the batch sampler: each epoch draws a new order, the one the
+    sampler computes for that epoch number (so a resumed epoch replays the same order)."""
+    import lightning as L
+
+    class FirstBatches(L.Callback):
+        def __init__(self) -> None:
+            self.targets: list[list[int]] = []
+
+        def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            self.targets.append([])
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+            self.targets[-1].append(batch["target"].tolist())
+
+    epochs = 3
+    cfg = compose_config([f"paths.output_dir={run_env / 'run'}", "logger=csv", *synthetic(epochs)])
+    datamodule, model, trainer = build(cfg)
+    recorder = FirstBatches()
+    trainer.callbacks.append(recorder)
+    trainer.fit(model, datamodule=datamodule)
+
+    sampler, dataset = datamodule.train_batch_sampler(), datamodule.dataset("train")
+    expected = []
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        expected.append([dataset.__getitems__(b)["target"].tolist() for b in sampler])
+    assert recorder.targets == expected
+    assert expected[0] != expected[1] != expected[2]
+
+
 def test_metrics_do_not_depend_on_eval_batch_size(run_env: Path) -> None:
     results = run(run_env, *synthetic(1))
     ckpt = results["best_checkpoint"]

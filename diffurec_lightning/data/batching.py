@@ -54,6 +54,13 @@ class TrainBatchSampler(Sampler[list[int]]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    @property
+    def sampler(self) -> TrainBatchSampler:
+        """Lightning starts every epoch (and a resumed one) by calling ``set_epoch`` on
+        ``dataloader.sampler`` and ``dataloader.batch_sampler.sampler``; this is how it finds ours.
+        Without it every epoch would repeat epoch 0's order."""
+        return self
+
     def global_batches(self) -> list[np.ndarray]:
         """All batches of this epoch, in order, before sharding."""
         rng = np.random.default_rng([self.seed, self.epoch])
