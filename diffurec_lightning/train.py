@@ -51,11 +51,13 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
             cfg.model.num_items = datamodule.num_items
         model = instantiate(cfg.model)
         callbacks = instantiate_group(cfg.get("callbacks"))
+        # Only when there are some: an explicit plugins=None would drop trainer.plugins from the config.
+        plugins = cluster_plugins(callbacks)
         trainer = instantiate(
             cfg.trainer,
             logger=instantiate_group(cfg.get("logger")) or False,
             callbacks=callbacks,
-            plugins=cluster_plugins(callbacks) or None,
+            **({"plugins": plugins} if plugins else {}),
         )
     except InstantiationException as exc:
         # Report the configuration mistake itself, not Hydra's wrapper around it.
@@ -189,8 +191,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "padding_fraction": datamodule.padding_fraction("train"),
     }
     if trainer.is_global_zero:
-        log_best_checkpoint(trainer, best_path)
+        # results.json first: it is the run's record, the artifact upload only a copy.
         write_json_atomic(Path(cfg.paths.output_dir) / "results.json", results)
+        log_best_checkpoint(trainer, best_path)
         if test_metrics:
             print_metrics_table(f"test: {cfg.model.name} on {cfg.data.name}", test_metrics)
     return results

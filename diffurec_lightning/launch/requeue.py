@@ -9,10 +9,16 @@ the time limit kills it (no requeue, work lost). Observed on CI with two gloo ra
 Here the handler only raises a flag. At the end of every training batch the ranks agree, with one
 all-reduce of a single number, whether any of them was signalled; if so, all of them save
 ``hpc_ckpt_<n>.ckpt`` together (the name ``ckpt_path=auto`` resumes from), rank 0 runs
-``scontrol requeue``, and every rank waits for SLURM to end this attempt. The signal lead
-(``--signal-lead``) must therefore cover one training step plus, if the signal can arrive
-during one, a whole validation pass. Outside training (the test after fit) the signal is
-noted and nothing else happens.
+``scontrol requeue``, and every rank waits for SLURM to end this attempt. A signal during an
+epoch's last batch or its validation is acted on at the epoch's end, after the validation and
+the epoch-end callbacks, so that the resumed run does not skip them. The signal lead
+(``--signal-lead``) must therefore cover one training step, a validation pass if the signal can
+arrive before one, and writing the checkpoint. During the test after fit the signal is only
+noted.
+
+Resuming mid-epoch follows Lightning: the epoch restarts its (deterministic) batch order and
+runs only the remaining number of steps, so that epoch repeats its first batches and skips as
+many of its last; the step count stays exact.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import os
 import re
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 from types import FrameType
@@ -99,21 +106,40 @@ class SlurmRequeue(Callback):
         # may still finish within the lead instead of SIGUSR1's default action ending it.
         if self._installed or not under_slurm_batch():
             return
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers belong to the main thread
         self.signalled = False
         self._previous = signal.signal(self.signum, self._on_signal)
         self._installed = True
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._installed:
-            signal.signal(self.signum, self._previous)
+            # None: the old handler was not set from Python; the default is the closest.
+            signal.signal(self.signum, self._previous or signal.SIG_DFL)
             self._installed = False
 
     def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
     ) -> None:
+        # After an epoch's last batch come its validation and its epoch-end callbacks
+        # (ModelCheckpoint, EarlyStopping); a checkpoint taken before them would resume past
+        # them. on_train_epoch_end acts for that batch instead. Every rank has the same number
+        # of batches, so all take the same branch.
+        if batch_idx + 1 < trainer.num_training_batches:
+            self._act_if_signalled(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._act_if_signalled(trainer)
+
+    def _act_if_signalled(self, trainer: L.Trainer) -> None:
         if not self._installed:
             return
-        # Every rank reaches this point once per step, so the all-reduce always pairs up.
+        # Every rank reaches this point at the same step, so the all-reduce always pairs up.
         if not trainer.strategy.reduce_boolean_decision(self.signalled, all=False):
             return
         self.signalled = False
@@ -121,8 +147,12 @@ class SlurmRequeue(Callback):
         trainer.save_checkpoint(path, weights_only=False)  # collective: every rank takes part
         for logger in trainer.loggers:
             logger.save()
+        # From here SLURM's SIGTERM may come at any moment; let it end the process at once
+        # (Lightning's own SIGTERM handler would start a collective inside the handler).
+        previous_term = signal.signal(signal.SIGTERM, signal.SIG_DFL)
         requeued = self._requeue() if trainer.is_global_zero else False
         if not trainer.strategy.broadcast(requeued, src=0):
+            signal.signal(signal.SIGTERM, previous_term)
             rank_zero_warn(f"saved {path} but could not requeue; training goes on until stopped")
             return
         rank_zero_info(f"saved {path} and requeued; waiting for SLURM to stop this attempt")
@@ -130,8 +160,14 @@ class SlurmRequeue(Callback):
 
     @staticmethod
     def _requeue() -> bool:
-        job_id = slurm_job_id()
-        done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
+        """``scontrol requeue`` this job; False (with a warning) when that fails in any way, so
+        that the other ranks, waiting for the outcome, are never left hanging."""
+        try:
+            job_id = slurm_job_id()
+            done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
+        except (OSError, KeyError) as exc:
+            rank_zero_warn(f"could not run scontrol requeue: {exc!r}")
+            return False
         if done.returncode != 0:
             rank_zero_warn(f"scontrol requeue {job_id} failed: {done.stderr.strip()}")
         return done.returncode == 0
