@@ -22,7 +22,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffurec_lightning.errors import DiffuRecError
-from diffurec_lightning.launch.requeue import cluster_plugins
+from diffurec_lightning.launch.requeue import cluster_plugins, hpc_checkpoints
 
 
 def instantiate_group(group: DictConfig | None) -> list[Any]:
@@ -51,7 +51,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
             cfg.model.num_items = datamodule.num_items
         model = instantiate(cfg.model)
         callbacks = instantiate_group(cfg.get("callbacks"))
-        # Only when there are some: an explicit plugins=None would drop trainer.plugins from the config.
+        # Passed only when there are some: plugins=None would drop trainer.plugins of the config.
         plugins = cluster_plugins(callbacks)
         trainer = instantiate(
             cfg.trainer,
@@ -119,14 +119,15 @@ def resume_checkpoint(cfg: DictConfig, trainer: L.Trainer) -> str | None:
     """``ckpt_path=auto``: the newest checkpoint of this run folder, or None for a fresh start.
 
     Candidates are the SLURM requeue checkpoints (``hpc_ckpt_<n>.ckpt`` in the trainer's root
-    dir, written by launch.requeue.SlurmRequeue when the requeue signal arrives) and ModelCheckpoint's ``last.ckpt``; a
-    requeued job keeps its run folder (keyed by the job id), so it continues where it stopped.
+    dir, written by launch.requeue.SlurmRequeue when the requeue signal arrives) and
+    ModelCheckpoint's ``last.ckpt``; a requeued job keeps its run folder (keyed by the job id),
+    so it continues where it stopped.
     Any other value is passed to Lightning unchanged.
     """
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path != "auto":
         return ckpt_path
-    candidates = list(Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt"))
+    candidates = list(hpc_checkpoints(trainer.default_root_dir).values())
     checkpoint = _checkpoint_callback(trainer)
     if checkpoint is not None and checkpoint.dirpath:
         candidates.append(Path(checkpoint.dirpath) / f"{checkpoint.CHECKPOINT_NAME_LAST}.ckpt")

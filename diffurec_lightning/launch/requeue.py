@@ -43,15 +43,20 @@ from diffurec_lightning.errors import ConfigError
 HPC_CHECKPOINT = re.compile(r"hpc_ckpt_(\d+)\.ckpt")
 
 
+def hpc_checkpoints(folder: str | Path) -> dict[int, Path]:
+    """The requeue checkpoints ``hpc_ckpt_<n>.ckpt`` in ``folder``, by ``n``."""
+    folder = Path(folder)
+    paths = folder.glob("hpc_ckpt_*.ckpt") if folder.is_dir() else []
+    return {
+        int(match.group(1)): path
+        for path in paths
+        if (match := HPC_CHECKPOINT.fullmatch(path.name))
+    }
+
+
 def next_hpc_checkpoint(folder: str | Path) -> Path:
     """``hpc_ckpt_<n+1>.ckpt`` after the highest ``n`` already in ``folder`` (1 when none)."""
-    folder = Path(folder)
-    numbers = [
-        int(match.group(1))
-        for path in (folder.glob("hpc_ckpt_*.ckpt") if folder.is_dir() else [])
-        if (match := HPC_CHECKPOINT.fullmatch(path.name))
-    ]
-    return folder / f"hpc_ckpt_{max(numbers, default=0) + 1}.ckpt"
+    return Path(folder) / f"hpc_ckpt_{max(hpc_checkpoints(folder), default=0) + 1}.ckpt"
 
 
 def slurm_job_id() -> str:
