@@ -301,7 +301,7 @@ def allocator_envs(mode: str) -> dict[str, dict[str, str]]:
 
 
 def machine() -> dict[str, Any]:
-    from diffurec_lightning.train import cpu_has_native_bf16
+    from diffurec_lightning.precision import cpu_has_native_bf16
 
     cpu = platform.processor()
     cpuinfo = Path("/proc/cpuinfo")

@@ -128,10 +128,15 @@ def plain_hparams(model: L.LightningModule) -> dict[str, Any]:
 
 def run_test(cfg: DictConfig) -> dict[str, Any]:
     """Test with the case-study callbacks; writes eval.json into the eval folder."""
-    from diffurec_lightning.train import instantiate_group, print_metrics_table
+    from diffurec_lightning.train import (
+        instantiate_group,
+        print_metrics_table,
+        resolve_trainer_precision,
+    )
 
     started = time.time()
     cfg, datamodule, model = setup(cfg)
+    resolve_trainer_precision(cfg)
     trainer = instantiate(
         cfg.trainer,
         logger=instantiate_group(cfg.get("logger")) or False,

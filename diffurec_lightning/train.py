@@ -23,6 +23,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffurec_lightning.errors import DiffuRecError
 from diffurec_lightning.launch.requeue import cluster_plugins, hpc_checkpoints
+from diffurec_lightning.precision import (
+    AUTO,
+    FP32,
+    cpu_has_native_bf16,
+    describe_precision,
+    resolve_precision,
+)
 
 
 def instantiate_group(group: DictConfig | None) -> list[Any]:
@@ -50,6 +57,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
         with open_dict(cfg):
             cfg.model.num_items = datamodule.num_items
         model = instantiate(cfg.model)
+        resolve_trainer_precision(cfg)
         callbacks = instantiate_group(cfg.get("callbacks"))
         # Passed only when there are some: plugins=None would drop trainer.plugins of the config.
         plugins = cluster_plugins(callbacks)
@@ -66,13 +74,6 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     return datamodule, model, trainer
 
 
-def cpu_has_native_bf16() -> bool:
-    """AVX-512 BF16 or AMX: without either, bf16 matrix products are emulated on the CPU."""
-    import torch
-
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-
-
 def warn_if_bf16_is_emulated(trainer: L.Trainer) -> None:
     """bf16-mixed on a CPU without bf16 instructions runs about 15x slower than fp32
     (docs/performance.md); say so before an hour is lost, and how to fix it."""
@@ -83,8 +84,23 @@ def warn_if_bf16_is_emulated(trainer: L.Trainer) -> None:
     if precision.startswith("bf16") and on_cpu and not cpu_has_native_bf16():
         rank_zero_warn(
             f"trainer.precision={precision} on a CPU without AVX-512 BF16/AMX: bf16 products "
-            "are emulated and training is about 15x slower; use trainer.precision=32-true"
+            "are emulated and training is about 15x slower; use trainer.precision=auto or 32-true"
         )
+
+
+def resolve_trainer_precision(cfg: DictConfig) -> str:
+    """Replace ``trainer.precision: auto`` by what this hardware runs best; log the choice."""
+    from lightning.pytorch.utilities import rank_zero_info
+
+    trainer_cfg = cfg.trainer
+    chosen = resolve_precision(trainer_cfg.get("precision", FP32), trainer_cfg.get("accelerator"))
+    if str(trainer_cfg.get("precision")) == AUTO:
+        rank_zero_info(
+            f"trainer.precision=auto: {describe_precision(chosen, trainer_cfg.get('accelerator'))}"
+        )
+    with open_dict(cfg):
+        cfg.trainer.precision = chosen
+    return chosen
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
@@ -190,6 +206,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "best_checkpoint": best_path,
         "resumed_from": ckpt_path,
         "padding_fraction": datamodule.padding_fraction("train"),
+        "precision": str(cfg.trainer.precision),
     }
     if trainer.is_global_zero:
         # results.json first: it is the run's record, the artifact upload only a copy.

@@ -137,7 +137,7 @@ def test_ddp_on_two_processes_gives_single_process_metrics(run_env: Path) -> Non
 
 
 def test_bf16_mixed_fit_runs(run_env: Path) -> None:
-    from diffurec_lightning.train import cpu_has_native_bf16
+    from diffurec_lightning.precision import cpu_has_native_bf16
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -146,6 +146,20 @@ def test_bf16_mixed_fit_runs(run_env: Path) -> None:
     assert len(emulated) == (0 if cpu_has_native_bf16() else 1)
     assert 0.0 <= results["test"]["test/ndcg@10"] <= 1.0
     assert results["val_best"]["val/hr@10"] > 0.2  # it learns in bf16 too
+
+
+def test_precision_auto_follows_the_hardware(run_env: Path) -> None:
+    from diffurec_lightning.precision import cpu_has_native_bf16, resolve_precision
+
+    native = cpu_has_native_bf16()
+    assert resolve_precision("auto", "cpu") == ("bf16-mixed" if native else "32-true")
+    assert resolve_precision("32-true", "cpu") == "32-true"  # explicit choices pass through
+    assert resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"
+    cfg = compose_config(["trainer=cpu"])
+    assert cfg.trainer.precision == "auto"  # the default
+    results = run(run_env, *synthetic(1))
+    assert results["precision"] == ("bf16-mixed" if native else "32-true")
+    assert results["config"]["trainer"]["precision"] == results["precision"]
 
 
 def test_resume_continues_the_same_run(run_env: Path) -> None:
