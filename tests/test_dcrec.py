@@ -265,7 +265,7 @@ def test_ensemble_and_respaced_process_for_the_curves_tool() -> None:
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"sampler": {"name": "ddim"}}, "ancestral, skip"),
+        ({"sampler": {"name": "bogus"}}, "ancestral, skip, ddim"),
         ({"sampler": {"name": "skip", "steps": 21}}, "1..20"),
         ({"delta": -1.0}, "delta"),
         ({"lambda_start": 0.9, "lambda_floor": 0.2}, "lambda"),

@@ -56,7 +56,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> SequenceDataModule:
     return datamodule
 
 
-def make_model(variant: str, hidden_size: int = 32) -> DiffusionRecModule:
+def make_model(variant: str, hidden_size: int = 32, **options: object) -> DiffusionRecModule:
     torch.manual_seed(0)
     model = DiffusionRecModule(
         num_items=NUM_ITEMS,
@@ -70,6 +70,7 @@ def make_model(variant: str, hidden_size: int = 32) -> DiffusionRecModule:
         eval_seed=5,
         ks=KS,
         **VARIANTS[variant],
+        **options,
     )
     with torch.no_grad():  # trained-looking weights: a larger table spreads the scores
         model.items.table.weight.normal_(0, 0.5)
@@ -161,9 +162,16 @@ def reference_loss(model: DiffusionRecModule, batch: dict, seed: int) -> torch.T
     return F.cross_entropy(scores, target - 1)
 
 
-def reference_scores(model: DiffusionRecModule, seq: torch.Tensor, users: torch.Tensor):
-    """The reverse process one user at a time, each user's noise drawn call by call."""
+def reference_scores(
+    model: DiffusionRecModule, seq: torch.Tensor, users: torch.Tensor, sampler: str = "ancestral"
+):
+    """The reverse process one user at a time, each user's noise drawn call by call.
+
+    ancestral: x_{i-1} = c1 x0 + c2 x_i + sigma_i eps (fresh eps); ddim (eta 0): x_{i-1} =
+    sqrt(abar_{i-1}) x0 + sqrt(1 - abar_{i-1}) (x_i - sqrt(abar_i) x0) / sqrt(1 - abar_i).
+    """
     hp, diffusion = model.hparams, model.diffusion
+    abar = diffusion.alphas_cumprod
     d, rows = hp.hidden_size, []
     for history, user in zip(seq, users.tolist(), strict=True):
         history = left_pad(history[history > 0][None], MAX_LEN)
@@ -179,6 +187,10 @@ def reference_scores(model: DiffusionRecModule, seq: torch.Tensor, users: torch.
             lam[0, MAX_LEN - length :] = hp.delta + hp.delta * draw(length * d).view(length, d)
             t = torch.tensor([i])
             x0 = approximator(model.approximator, seq_emb, history > 0, x, t, lam)
+            if sampler == "ddim":
+                eps = (x - abar[i].sqrt() * x0) / (1 - abar[i]).sqrt()
+                x = x0 if i == 0 else abar[i - 1].sqrt() * x0 + (1 - abar[i - 1]).sqrt() * eps
+                continue
             x_prev = diffusion.posterior_mean_coef1[i] * x0 + diffusion.posterior_mean_coef2[i] * x
             if i > 0:  # the last step adds no noise
                 x_prev = x_prev + torch.exp(0.5 * diffusion.model_log_variance[i]) * draw(d)[None]
@@ -249,6 +261,23 @@ def test_validation_matches_the_reference(
     expected = reference_metrics(plain, everyone["target"])
     assert metrics == pytest.approx(expected, abs=1e-6)
     assert 0 < expected["val/hr@10"] < 1  # the comparison is not vacuous
+
+
+def test_ddim_validation_matches_the_reference(data: SequenceDataModule) -> None:
+    """model.val_sampler=ddim: training's validation runs eta-0 DDIM, test keeps ancestral."""
+    model = make_model("diffurecsys", val_sampler="ddim").eval()
+    dataset = data.dataset("val")
+    with torch.inference_mode():
+        for batch in data.val_dataloader():
+            model.validation_step(batch, 0)
+        metrics = {k: float(v) for k, v in model.val_metrics.compute().items()}
+        everyone = dataset.__getitems__(list(range(len(dataset))))
+        ddim = reference_scores(model, everyone["seq"], everyone["user"], sampler="ddim")
+        ancestral = reference_scores(model, everyone["seq"], everyone["user"])
+        torch.testing.assert_close(model.eval_scores(everyone, sampler="ddim"), ddim, **TOL)
+        torch.testing.assert_close(model.eval_scores(everyone), ancestral, **TOL)  # test's path
+    assert metrics == pytest.approx(reference_metrics(ddim, everyone["target"]), abs=1e-6)
+    assert not torch.allclose(ddim, ancestral)  # the two samplers differ
 
 
 def test_user_scores_do_not_depend_on_the_batch(data: SequenceDataModule) -> None:

@@ -139,3 +139,31 @@ def test_eval_steps_run_a_respaced_reverse_process() -> None:
     assert not torch.allclose(fewer, full)
     with pytest.raises(ConfigError, match=r"model.eval_steps must lie in 1..num_steps \(8\)"):
         model(eval_steps=9)
+
+
+def test_val_steps_change_validation_only() -> None:
+    """model.val_steps / val_sampler: training's validation is cheaper, test keeps eval_steps."""
+    batch = {
+        "seq": torch.tensor([[0, 1, 2], [4, 5, 6], [0, 0, 7]]),
+        "user": torch.tensor([0, 1, 2]),
+        "target": torch.tensor([3, 7, 8]),
+    }
+    torch.manual_seed(0)
+    model = DiffusionRecModule(num_items=30, **SIZES, val_steps=2, val_sampler="ddim").eval()
+    with torch.no_grad():
+        model.validation_step(batch, 0)
+        model.test_step(batch, 0)
+        cheap = model.rank_batch(batch, steps=2, sampler="ddim")
+        full = model.rank_batch(batch)
+    validation = model.val_metrics.compute()
+    test = model.test_metrics.compute()
+    model.val_metrics.reset()
+    model.val_metrics.update(cheap)
+    assert validation == model.val_metrics.compute()
+    model.test_metrics.reset()
+    model.test_metrics.update(full)
+    assert test == model.test_metrics.compute()
+    with pytest.raises(ConfigError, match="model.val_sampler / model.val_steps: unknown sampler"):
+        DiffusionRecModule(num_items=30, **SIZES, val_sampler="bogus")
+    with pytest.raises(ConfigError, match="model.val_sampler / model.val_steps: sampler steps"):
+        DiffusionRecModule(num_items=30, **SIZES, val_steps=99)

@@ -5,9 +5,12 @@
 - ``skip``: DCRec's step skipping (Huang et al., arXiv 2410.21967, inference algorithm): at each
   kept level predict x0, then jump straight to the next kept level by re-noising the prediction
   with q(x_t' | x0_hat) instead of taking a posterior step.
+- ``ddim``: DDIM with eta = 0 (Song et al. 2021, Eq. 12): deterministic given x_T; each step keeps
+  the noise direction implied by x_t and x0_hat instead of drawing fresh noise.
 
-Both visit the same levels in the same order (``process.timestep_map`` from last to first), call
-``noise_fn(i)`` for i = T'-1 .. 1 only, and return the final x0 prediction.
+All visit the same levels in the same order (``process.timestep_map`` from last to first) and
+return the final x0 prediction; ``ancestral`` and ``skip`` call ``noise_fn(i)`` for
+i = T'-1 .. 1 only, ``ddim`` never calls it (``DRAWS_STEP_NOISE``).
 """
 
 from __future__ import annotations
@@ -64,7 +67,34 @@ def skip(
     return x_start_pred
 
 
-SAMPLERS: dict[str, Callable[..., Tensor]] = {"ancestral": ancestral, "skip": skip}
+def ddim(
+    process: GaussianDiffusion,
+    denoise_fn: DenoiseFn,
+    x_T: Tensor,
+    noise_fn: NoiseFn,
+    forward_mean: Tensor | float = 0.0,
+) -> Tensor:
+    """x_{i-1} = sqrt(abar_{i-1}) x0_hat + sqrt(1 - abar_{i-1}) eps_hat, eps_hat implied by x_i.
+
+    eps_hat = (x_i - sqrt(abar_i) x0_hat) / sqrt(1 - abar_i) is the noise (minus the forward
+    mean, which it carries along unchanged) that would have produced x_i from x0_hat.
+    ``noise_fn`` is never called: only x_T is random.
+    """
+    x_t = x_T
+    x_start_pred = x_T
+    for i in reversed(range(process.num_steps)):
+        t = torch.full((x_T.shape[0],), i, dtype=torch.long, device=x_T.device)  # (B,)
+        x_start_pred = denoise_fn(x_t, process.timestep_map[t])
+        if i > 0:
+            sqrt_abar = process.sqrt_alphas_cumprod[i]
+            eps = (x_t - sqrt_abar * x_start_pred) / process.sqrt_one_minus_alphas_cumprod[i]
+            x_t = process.q_sample(x_start_pred, t - 1, eps)
+    return x_start_pred
+
+
+SAMPLERS: dict[str, Callable[..., Tensor]] = {"ancestral": ancestral, "skip": skip, "ddim": ddim}
+# Whether a sampler draws step noise (noise_fn) between its levels: noise prefetching needs it.
+DRAWS_STEP_NOISE: dict[str, bool] = {"ancestral": True, "skip": True, "ddim": False}
 
 
 def check_sampler(name: str, steps: int | None, num_steps: int) -> None:

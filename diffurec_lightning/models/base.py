@@ -74,13 +74,17 @@ class RecommenderModule(L.LightningModule):
         }
 
     # -- evaluation ----------------------------------------------------------------------
-    def rank_batch(self, batch: Batch) -> torch.Tensor:
+    def rank_batch(self, batch: Batch, **scoring: Any) -> torch.Tensor:
         """1-based rank of each user's target among all items (padding never ranked)."""
-        scores = self.eval_scores(batch)
+        scores = self.eval_scores(batch, **scoring)
         return target_ranks(F.pad(scores, (1, 0), value=float("-inf")), batch["target"])
 
+    def validation_sampling(self) -> dict[str, Any]:
+        """Keyword arguments of ``eval_scores`` at validation (a cheaper variant; {} = as test)."""
+        return {}
+
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        self.val_metrics.update(self.rank_batch(batch))
+        self.val_metrics.update(self.rank_batch(batch, **self.validation_sampling()))
 
     def on_validation_epoch_end(self) -> None:
         # compute() reduces sum/count states across ranks once: exact under DDP.
@@ -128,16 +132,20 @@ class DiffusionRecommender(RecommenderModule):
     """A recommender whose reverse process reconstructs a target embedding x0 (B, d) that is
     rounded to items through the shared item table (``self.items``).
 
-    Subclasses provide ``reverse(batch, member, steps)``: one ensemble member's x0 from per-user
-    reproducible noise, running ``steps`` evenly spaced levels of the trained T (None: the
-    configured sampling). ``hparams.ensemble_size`` members are averaged as softmax
+    Subclasses provide ``reverse(batch, member, steps, sampler)``: one ensemble member's x0 from
+    per-user reproducible noise, running sampler ``sampler`` over ``steps`` evenly spaced levels
+    of the trained T (None: the configured sampling). ``hparams.ensemble_size`` members are averaged as softmax
     distributions (DiffuRecSys Algorithm 3).
     """
 
-    def reverse(self, batch: Batch, member: int = 0, steps: int | None = None) -> torch.Tensor:
+    def reverse(
+        self, batch: Batch, member: int = 0, steps: int | None = None, sampler: str | None = None
+    ) -> torch.Tensor:
         raise NotImplementedError
 
-    def eval_scores(self, batch: Batch, steps: int | None = None) -> torch.Tensor:
+    def eval_scores(
+        self, batch: Batch, steps: int | None = None, sampler: str | None = None
+    ) -> torch.Tensor:
         """(B, N) ranking scores; with an ensemble, the averaged softmax distributions."""
         members = self.hparams.ensemble_size
         # Ranking in float32 whatever the autocast: bf16 scores would create spurious ties.
@@ -145,7 +153,7 @@ class DiffusionRecommender(RecommenderModule):
             table = self.items.table.weight[1:].float()
 
             def scores(member: int) -> torch.Tensor:
-                return self.reverse(batch, member, steps).float() @ table.t()
+                return self.reverse(batch, member, steps, sampler).float() @ table.t()
 
             if members == 1:
                 return scores(0)

@@ -203,7 +203,7 @@ class DCRecModule(DiffusionRecommender):
 
     # -- sampling ------------------------------------------------------------------------
     def reverse_sequence(
-        self, batch: Batch, member: int = 0, steps: int | None = None
+        self, batch: Batch, member: int = 0, steps: int | None = None, sampler: str | None = None
     ) -> torch.Tensor:
         """S0_hat (B, W, d) from the configured sampler, for one ensemble member.
 
@@ -231,7 +231,7 @@ class DCRecModule(DiffusionRecommender):
 
         x_T = draw() + prior_offset  # S_T = N(0, I) + delta K
         return sample(
-            hp.sampler["name"],
+            sampler or hp.sampler["name"],
             self.diffusion,
             denoise,
             x_T,
@@ -240,6 +240,8 @@ class DCRecModule(DiffusionRecommender):
             forward_mean=prior_offset,
         )
 
-    def reverse(self, batch: Batch, member: int = 0, steps: int | None = None) -> torch.Tensor:
+    def reverse(
+        self, batch: Batch, member: int = 0, steps: int | None = None, sampler: str | None = None
+    ) -> torch.Tensor:
         """e0 (B, d): the target slot of the final S0_hat (what is rounded to items)."""
-        return self.reverse_sequence(batch, member, steps)[:, -1]
+        return self.reverse_sequence(batch, member, steps, sampler)[:, -1]

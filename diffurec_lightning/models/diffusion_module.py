@@ -11,8 +11,14 @@ from collections.abc import Sequence
 
 import torch
 
-from diffurec_lightning.diffusion.gaussian import GaussianDiffusion, evenly_spaced_steps
+from diffurec_lightning.diffusion.gaussian import GaussianDiffusion
 from diffurec_lightning.diffusion.noise import UserNoise, offset_noise
+from diffurec_lightning.diffusion.samplers import (
+    DRAWS_STEP_NOISE,
+    check_sampler,
+    sample,
+    sampling_process,
+)
 from diffurec_lightning.diffusion.timesteps import make_timestep_sampler
 from diffurec_lightning.errors import ConfigError
 from diffurec_lightning.models.approximators import make_approximator
@@ -50,6 +56,9 @@ class DiffusionRecModule(DiffusionRecommender):
         offset: float = 0.0,
         ensemble_size: int = 1,
         eval_steps: int | None = None,
+        eval_sampler: str = "ancestral",
+        val_steps: int | None = None,
+        val_sampler: str | None = None,
         eval_seed: int = 0,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
@@ -70,6 +79,14 @@ class DiffusionRecModule(DiffusionRecommender):
             eval_steps is None or 1 <= eval_steps <= num_steps,
             f"model.eval_steps must lie in 1..num_steps ({num_steps}) or be null, got {eval_steps}",
         )
+        for key, name, steps in (
+            ("eval", eval_sampler, eval_steps),
+            ("val", val_sampler or eval_sampler, val_steps),
+        ):
+            try:
+                check_sampler(name, steps, num_steps)
+            except ValueError as exc:
+                raise ConfigError(f"model.{key}_sampler / model.{key}_steps: {exc}") from None
         super().__init__(
             lr=lr,
             weight_decay=weight_decay,
@@ -123,21 +140,35 @@ class DiffusionRecModule(DiffusionRecommender):
         return loss
 
     # -- reverse process -----------------------------------------------------------------
-    def reverse(self, batch: Batch, member: int = 0, steps: int | None = None) -> torch.Tensor:
+    def validation_sampling(self) -> dict[str, object]:
+        """Training's validations may run a cheaper reverse process (``val_steps``,
+        ``val_sampler``); test and predict always run the configured one."""
+        hp = self.hparams
+        return {"steps": hp.get("val_steps"), "sampler": hp.get("val_sampler")}
+
+    def reverse(
+        self,
+        batch: Batch,
+        member: int = 0,
+        steps: int | None = None,
+        sampler: str | None = None,
+    ) -> torch.Tensor:
         """Run the reverse process for one ensemble member; return x0 (B, d).
 
-        ``steps`` < T runs a respaced process over that many evenly spaced steps of the trained
-        schedule (Nichol & Dhariwal); None means ``eval_steps`` (None: all T). All noise comes from per-user streams seeded by (eval_seed, member, user), drawn in a
+        ``sampler`` (None: ``eval_sampler``) runs over ``steps`` evenly spaced steps of the
+        trained schedule (respaced, Nichol & Dhariwal); None means ``eval_steps`` (None: all T).
+        All noise comes from per-user streams seeded by (eval_seed, member, user), drawn in a
         fixed order, so a user's result never depends on the batch it is in. The order per user:
-        x_T, then for every step its lambda rows and (except the last step) its step noise.
+        x_T, then for every step its lambda rows and (except the last step, and never for the
+        deterministic ``ddim``) its step noise.
         """
-        diffusion = self.diffusion
-        steps = self.hparams.get("eval_steps") if steps is None else steps
-        if steps is not None and steps != diffusion.num_steps:
-            diffusion = diffusion.respaced(evenly_spaced_steps(diffusion.num_steps, steps))
+        hp = self.hparams
+        steps = hp.get("eval_steps") if steps is None else steps
+        sampler = sampler or hp.get("eval_sampler", "ancestral")
+        process = sampling_process(self.diffusion, steps)
         seq = batch["seq"]
         mask = seq > 0
-        seed = self.hparams.eval_seed + _ENSEMBLE_SEED_STRIDE * member
+        seed = hp.eval_seed + _ENSEMBLE_SEED_STRIDE * member
         noise = UserNoise(seed, batch["user"], self.device)
         seq_emb = self.items(seq)  # step-independent: computed once per batch
         extra = {}
@@ -145,8 +176,9 @@ class DiffusionRecModule(DiffusionRecommender):
             extra["cache"] = self.approximator.history_cache(seq_emb)
         lengths = mask.sum(1)
         width, dim = seq.shape[1], seq_emb.shape[-1]
-        delta = self.hparams.delta
-        num_steps = diffusion.num_steps
+        delta = hp.delta
+        num_steps = process.num_steps
+        step_noise = DRAWS_STEP_NOISE[sampler]
         # Draw the noise of several steps per generator call, within a memory budget.
         chunk = max(1, _PREFETCH_VALUES // max(1, len(seq) * (width + 1) * dim))
         calls = 0
@@ -154,13 +186,12 @@ class DiffusionRecModule(DiffusionRecommender):
         def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             nonlocal calls
             if calls % chunk == 0:
-                steps = min(chunk, num_steps - calls)
-                step_noise = steps - (calls + steps == num_steps)  # the last step draws none
-                noise.prefetch(lengths * steps + step_noise, dim)
+                ahead = min(chunk, num_steps - calls)
+                vectors = ahead - (calls + ahead == num_steps) if step_noise else 0
+                noise.prefetch(lengths * ahead + vectors, dim)
             calls += 1
             lam = delta + delta * noise.rows(lengths, width, dim).to(seq_emb.dtype)
             return self.approximator(seq_emb, mask, x_t, t, lam, **extra)
 
         x_T = noise.vectors(dim)
-        x_0, _ = diffusion.p_sample_loop(denoise, x_T, lambda _step: noise.vectors(dim))
-        return x_0
+        return sample(sampler, process, denoise, x_T, lambda _step: noise.vectors(dim))
