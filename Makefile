@@ -22,7 +22,7 @@ export MALLOC_MMAP_THRESHOLD_ ?= 33554432
 export MALLOC_TRIM_THRESHOLD_ ?= 17179869184
 export MALLOC_TOP_PAD_ ?= 1073741824
 
-.PHONY: help install train test test-all lint format data bench eval predict curves report sweep agent slurm seeds clean
+.PHONY: help install train test test-all lint format data bench bench-tta eval predict curves report sweep agent slurm seeds clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -107,6 +107,9 @@ seeds: install  ## one run per seed 0..SEEDS-1 (Hydra multirun): make seeds DATA
 # -- speed (docs/performance.md) ------------------------------------------------------------------
 bench: install  ## throughput, % of matmul peak, memory (fp32, bf16-mixed): make bench DATA=toys MODEL=diffurecsys [ARGS="bench.allocator=both"]
 	$(PY) -m diffurec_lightning.bench data=$(DATA) model=$(MODEL) $(ARGS)
+
+bench-tta: install  ## time to accuracy with the make train recipe: make bench-tta DATA=toys MODEL=diffurecsys [ARGS="tta.target=0.093"]
+	$(PY) -m diffurec_lightning.bench_tta data=$(DATA) model=$(MODEL) $(ARGS)
 
 clean:  ## remove run outputs (keeps the data cache)
 	rm -rf outputs/runs outputs/multirun

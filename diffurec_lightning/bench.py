@@ -324,6 +324,14 @@ def machine() -> dict[str, Any]:
     }
 
 
+def machine_line(info: dict[str, Any]) -> str:
+    """The machine as one line: CPU, cores, torch, ISA, whether bf16 is native."""
+    return (
+        f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, ISA {info['isa']}, "
+        f"CPU bf16 {info.get('bf16', '?')}"
+    )
+
+
 def _fmt(value: float | None, scale: float = 1.0, digits: int = 1) -> str:
     return "-" if value is None else f"{value / scale:,.{digits}f}"
 
@@ -367,11 +375,7 @@ def _row(precision: str, row: dict[str, Any], peaks: dict[str, float]) -> list[s
 
 
 def print_report(results: dict[str, Any]) -> None:
-    info = results["machine"]
-    print(
-        f"\nmachine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, ISA {info['isa']}, "
-        f"CPU bf16 {info.get('bf16', '?')}"
-    )
+    print("\n" + machine_line(results["machine"]))
     print(f"config:  {' '.join(results['overrides'])}")
     options = results["options"]
     print(

@@ -43,3 +43,37 @@ def test_bench_options_are_checked() -> None:
         BenchOptions.parse(["bench.steps=3"])
     with pytest.raises(ConfigError, match="bench.precisions: unknown 'fp8'"):
         BenchOptions.parse(["bench.precisions=fp8"])
+
+
+def test_time_to_accuracy_bench_on_real_toys(run_env: Path, capsys: pytest.CaptureFixture) -> None:
+    from diffurec_lightning.bench_tta import main as tta
+
+    out = run_env / "tta.json"
+    args = ["data=toys", "model=diffurec", "logger=csv", "callbacks.progress_bar=null"]
+    args += ["model.hidden_size=16", "model.num_blocks=1", "model.num_heads=1", "model.num_steps=2"]
+    args += [
+        "trainer.max_epochs=2",
+        "trainer.limit_train_batches=3",
+        "callbacks.case_studies.enabled=false",
+    ]
+    result = tta([*args, "tta.target=0.0001", f"tta.json={out}"])
+    printed = capsys.readouterr().out
+    assert "machine:" in printed and "time to the final best val/hr@10" in printed
+    history = result["history"]
+    assert [record["epoch"] for record in history] == [1, 2]  # tta.every=1: every epoch
+    assert history[0]["wall_s"] < history[1]["wall_s"]
+    assert all(r["train_s"] + r["val_s"] <= r["wall_s"] + 0.5 for r in history)
+    best = max(record["val/hr@10"] for record in history)
+    assert result["summary"]["val/hr@10"]["best"] == best
+    assert result["summary"]["val/hr@10"]["100%"]["value"] == best
+    assert set(result["test"]) >= {"test/hr@10", "test/ndcg@10"}
+    assert json.loads(out.read_text())["summary"] == json.loads(json.dumps(result["summary"]))
+
+
+def test_time_to_accuracy_bench_rejects_unknown_options() -> None:
+    from diffurec_lightning.bench_tta import TTAOptions
+
+    with pytest.raises(ConfigError, match="unknown option tta.evry"):
+        TTAOptions.parse(["tta.evry=2"])
+    with pytest.raises(ConfigError, match="tta.every=x: expected a int"):
+        TTAOptions.parse(["tta.every=x"])
