@@ -27,7 +27,7 @@ from diffurec_lightning.diffusion.noise import user_seed
 from diffurec_lightning.models import diffusion_module, functional
 from diffurec_lightning.models.diffusion_module import DiffusionRecModule
 from diffurec_lightning.models.functional import dropout
-from diffurec_lightning.models.layers import attention
+from diffurec_lightning.models.layers import additive_mask, attention, short_attention
 
 torch.set_num_threads(1)
 MAX_LEN = 10
@@ -326,6 +326,24 @@ def test_attention_with_dropout_matches_sdpa_when_nothing_is_dropped() -> None:
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     torch.testing.assert_close(attention(q, k, v, mask, 1e-12, training=True), expected, **TOL)
     torch.testing.assert_close(attention(q, k, v, mask, 0.5, training=False), expected)
+
+
+def test_short_attention_matches_sdpa_in_bf16() -> None:
+    """bf16 attention without dropout on the CPU (the written-out products) equals SDPA: within
+    bf16 rounding of a float64 reference, as close as SDPA's own bf16 kernel, on padded keys."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(64, 4, n, 32) for n in (9, 9, 9))
+    mask = torch.rand(64, 1, 1, 9) > 0.4
+    mask[..., -1] = True  # the most recent item is always real
+    reference = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask)
+    low = [x.bfloat16() for x in (q, k, v)]
+    fast = attention(*low, additive_mask(mask), 0.1, training=False)
+    fused = F.scaled_dot_product_attention(*low, attn_mask=mask)
+    assert fast.dtype == torch.bfloat16
+    fast_error = float((fast.double() - reference).abs().max())
+    fused_error = float((fused.double() - reference).abs().max())
+    assert fast_error < 3 * fused_error + 1e-3 and fast_error < 0.05
+    torch.testing.assert_close(short_attention(*low, mask), fast, rtol=0, atol=0)  # bool mask too
 
 
 # -- the lean training functions against the plain compositions, on one explicit mask ------------
