@@ -26,6 +26,7 @@ import lightning as L
 import torch
 from omegaconf import OmegaConf, open_dict
 
+from diffurec_lightning.analysis.files import write_json
 from diffurec_lightning.errors import ConfigError, DiffuRecError
 
 SHARES = (0.90, 0.95, 1.00)
@@ -107,9 +108,7 @@ class ValidationClock(L.Callback):
             f"(validation {val_s:6.1f} s)  {cells}",
             flush=True,
         )
-        from diffurec_lightning.train import write_json_atomic
-
-        write_json_atomic(self.path, {"history": self.history})
+        write_json(self.path, {"history": self.history})
 
 
 def time_to(history: list[dict[str, Any]], metric: str, value: float) -> dict[str, Any] | None:
@@ -185,7 +184,7 @@ def print_report(result: dict[str, Any]) -> None:
 def main(argv: list[str]) -> dict[str, Any]:
     from diffurec_lightning.bench import machine
     from diffurec_lightning.config import compose_config
-    from diffurec_lightning.train import train, write_json_atomic
+    from diffurec_lightning.train import train
 
     options, overrides = TTAOptions.parse(argv)
     forced = [f"trainer.check_val_every_n_epoch={options.every}", "trainer.limit_val_batches=null"]
@@ -224,9 +223,9 @@ def main(argv: list[str]) -> dict[str, Any]:
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     print_report(result)
-    write_json_atomic(Path(cfg.paths.output_dir) / "tta.json", result)
+    write_json(Path(cfg.paths.output_dir) / "tta.json", result)
     if options.json:
-        write_json_atomic(Path(options.json), result)
+        write_json(Path(options.json), result)
     return result
 
 
