@@ -77,7 +77,9 @@ def validate(model: Any, datamodule: Any, sampler: str, steps: int, dtype: Any) 
     return values
 
 
-def measure(run: Path, settings: list[tuple[str, int]], precision: str) -> dict[str, Any]:
+def measure(
+    run: Path, settings: list[tuple[str, int]], precision: str, every: int = 1
+) -> dict[str, Any]:
     from diffurec_lightning.config import compose_config
     from diffurec_lightning.eval import setup
     from diffurec_lightning.precision import resolve_precision
@@ -86,6 +88,8 @@ def measure(run: Path, settings: list[tuple[str, int]], precision: str) -> dict[
     dtype = torch.bfloat16 if chosen.startswith("bf16") else None
     rows = []
     for epoch, path in checkpoints(run):
+        if epoch % every:
+            continue
         cfg = compose_config([f"ckpt_path={path}", "logger=csv"], config_name="eval")
         _, datamodule, model = setup(cfg)
         datamodule.setup("fit")
@@ -163,10 +167,11 @@ def main(argv: list[str]) -> dict[str, Any]:
     parser.add_argument("--run", required=True, help="run folder with checkpoints/epoch*.ckpt")
     parser.add_argument("--settings", default=DEFAULT_SETTINGS, help="sampler:steps,... ")
     parser.add_argument("--precision", default="auto", help="auto | 32-true | bf16-mixed")
+    parser.add_argument("--every", type=int, default=1, help="only epochs divisible by this")
     parser.add_argument("--out", default=None, help="output folder (default: the run folder)")
     args = parser.parse_args(argv)
     run = Path(args.run)
-    result = measure(run, parse_settings(args.settings), args.precision)
+    result = measure(run, parse_settings(args.settings), args.precision, args.every)
     result["agreement"] = agreement(result)
     out = Path(args.out) if args.out else run
     title = f"validation budget: {run.name}"
