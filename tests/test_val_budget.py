@@ -34,17 +34,18 @@ def test_val_budget_reads_every_checkpoint_of_a_run(run_env: Path) -> None:
         ]
     )
     results = train(cfg)
-    result = main(["--run", str(run), "--settings", "ancestral:2,ddim:1"])
+    result = main(["--run", str(run), "--settings", "ancestral:1,ancestral:2,ddim:2"])
     assert [row["epoch"] for row in result["rows"]] == [1, 2]
-    last = result["rows"][-1]["ancestral:2"]
-    # The reference setting is the run's own validation: the same figures as training logged.
+    last = result["rows"][-1]["ancestral:1"]
+    # model.val_steps=1 (the default): the run validated with one reverse step, so the
+    # reference setting reproduces the figures training logged.
     assert last["val/ndcg@10"] == pytest.approx(results["val"]["val/ndcg@10"], abs=1e-6)
     assert last["val/hr@10"] == pytest.approx(results["val"]["val/hr@10"], abs=1e-6)
     reference = result["agreement"][0]
-    assert reference["setting"] == "ancestral:2"
+    assert reference["setting"] == "ancestral:1"
     assert reference["val/ndcg@10"]["spearman"] == pytest.approx(1.0)
     saved = json.loads((run / "val_budget.json").read_text())
-    assert saved["settings"] == ["ancestral:2", "ddim:1"]
+    assert saved["settings"] == ["ancestral:1", "ancestral:2", "ddim:2"]
     assert (run / "val_budget.png").stat().st_size > 1000
     assert "Spearman" in (run / "val_budget.md").read_text()
 
