@@ -21,6 +21,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from diffurec_lightning.checkpoints import check_checkpoint
 from diffurec_lightning.errors import DiffuRecError
 from diffurec_lightning.launch.requeue import cluster_plugins, hpc_checkpoints
 
@@ -160,9 +161,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
     ckpt_path = resume_checkpoint(cfg, trainer)
+    check_checkpoint(ckpt_path)  # one clear line for a missing, damaged or foreign file
     if cfg.get("train", True):
-        # Our own checkpoints (hparams, loop and callback state) need the full unpickler.
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
+        # Checkpoints are plain data (diffurec_lightning/checkpoints.py): nothing in one can run.
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     val_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
 
     checkpoint = _checkpoint_callback(trainer)
@@ -171,7 +173,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("test", True):
         # Without any validation (e.g. fast_dev_run) there is no best checkpoint: test the weights.
         ckpt = (best_path or None) if cfg.get("train", True) else ckpt_path
-        trainer.test(model, datamodule=datamodule, ckpt_path=ckpt, weights_only=False)
+        trainer.test(model, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
         test_metrics = {
             k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")
         }
