@@ -54,7 +54,7 @@ def plain(value: Any) -> Any:
 
 def _refused_global(message: str) -> str | None:
     """The object the weights-only unpickler refused, named as in its message."""
-    match = re.search(r"Unsupported global: GLOBAL (\S+)", message)
+    match = re.search(r"GLOBAL (\S+)", message)
     return match.group(1) if match else None
 
 
@@ -72,8 +72,8 @@ def load_checkpoint(path: str | Path, what: str = "ckpt_path") -> dict[str, Any]
         refused = _refused_global(str(exc))
         if refused is not None or "Weights only load failed" in str(exc):
             raise ConfigError(
-                f"{what}={path}: refused to load: it contains {refused or 'code'}, not only "
-                "tensors and plain containers, and reading it could run code (a crafted file, "
+                f"{what}={path}: refused to load: it refers to {refused or 'an object'}, not only "
+                "to tensors and plain containers, and reading it could run code (a crafted file, "
                 "or one written by an older version); re-save a checkpoint you trust with "
                 "`python -m diffurec_lightning.checkpoints FILE`"
             ) from None
@@ -89,10 +89,11 @@ def load_checkpoint(path: str | Path, what: str = "ckpt_path") -> dict[str, Any]
 
 
 def _unreadable(path: Path, what: str, exc: BaseException) -> ConfigError:
-    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    first = str(exc).split("\n")[0].split(". ")[0]
+    reason = f"{type(exc).__name__}: {first}"[:100]
     return ConfigError(
-        f"{what}={path}: not a readable checkpoint (truncated, damaged or not a torch file: "
-        f"{reason[:120]}); pass a .ckpt file that training wrote (<run>/checkpoints/*.ckpt)"
+        f"{what}={path}: not a readable checkpoint (truncated, damaged or not a torch file; "
+        f"{reason}); pass a .ckpt file that training wrote (<run>/checkpoints/*.ckpt)"
     )
 
 

@@ -54,12 +54,15 @@ def complete_config(cfg: DictConfig) -> DictConfig:
     hparams = load_checkpoint(ckpt).get("hyper_parameters", {})  # refuses foreign files
     run_dir = Path(cfg.run_dir) if cfg.get("run_dir") else find_run_dir(ckpt)
     saved = saved_run_config(run_dir) if run_dir is not None else None
-    if cfg.get("data") is None and saved is None:
+    if saved is None and (cfg.get("data") is None or "_target_" not in cfg.data):
         raise ConfigError(f"{ckpt}: no run folder with a saved config found; pass data=<name>")
     with open_dict(cfg):
         cfg.run_dir = str(run_dir) if run_dir is not None else None
         if cfg.get("data") is None:
             cfg.data = saved.data
+        elif "_target_" not in cfg.data and saved is not None:
+            # +data.eval_batch_size=64 and the like change the run's own dataset config.
+            cfg.data = OmegaConf.merge(saved.data, cfg.data)
         target = saved.model.get("_target_") if saved is not None and "model" in saved else None
         cfg.model = {"_target_": target or DEFAULT_MODEL, "name": hparams.get("name", "model")}
         if cfg.get("seed") is None:
@@ -198,4 +201,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from diffurec_lightning.cli import run
+
+    run(main, "eval")  # overrides checked first: one error line instead of Hydra's trace

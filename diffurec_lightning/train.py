@@ -7,10 +7,7 @@ these files, never from a W&B server.
 
 from __future__ import annotations
 
-import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -89,11 +86,10 @@ def warn_if_bf16_is_emulated(trainer: L.Trainer) -> None:
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".json.tmp")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(payload, handle, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    # Mode 0644 like every other output, NaN as null (analysis.files.write_json).
+    from diffurec_lightning.analysis.files import write_json
+
+    write_json(path, payload)
 
 
 def print_metrics_table(title: str, metrics: dict[str, float]) -> None:
@@ -219,4 +215,6 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    from diffurec_lightning.cli import run
+
+    run(main, "train")  # overrides checked first: one error line instead of Hydra's trace
