@@ -168,7 +168,12 @@ def damaged_files(cache_dir: Path, meta: dict[str, Any], names: tuple[str, ...])
     for name in names:
         path = Path(cache_dir) / name
         expected = recorded.get(name)
-        if expected is None or not path.is_file() or path.stat().st_size != expected["size"] or file_record(path)["sha256"] != expected["sha256"]:
+        if (
+            expected is None
+            or not path.is_file()
+            or path.stat().st_size != expected["size"]
+            or file_record(path)["sha256"] != expected["sha256"]
+        ):
             damaged.append(name)
     return damaged
 
