@@ -96,9 +96,11 @@ def check_overrides(overrides: list[str], config_name: str = "train") -> DictCon
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as exc:
         raise ConfigError(f"cannot read the overrides: {_one_line(exc)}") from None
-    # A sweep (seed=1,2 under -m) is checked with its first value.
+    # A sweep (seed=1,2 under -m) is checked with its first value; one without a list of
+    # values (a sweeper's interval) is left to the sweeper.
+    parsed = [o for o in parsed if not o.is_sweep_override() or _first_value(o) is not None]
     concrete = [
-        f"{o.input_line.split('=', 1)[0]}={next(iter(o.sweep_string_iterator()))}"
+        f"{o.input_line.split('=', 1)[0]}={_first_value(o)}"
         if o.is_sweep_override()
         else o.input_line
         for o in parsed
@@ -123,6 +125,8 @@ def check_overrides(overrides: list[str], config_name: str = "train") -> DictCon
             continue
         old, new = _select(defaults, key), _select(cfg, key)
         old_kind, new_kind = _kind(old), _kind(new)
+        if new == "auto":
+            continue  # Lightning takes "auto" for its counts (trainer.devices=auto)
         if old_kind and new_kind and new_kind not in _ACCEPTS[old_kind]:
             shown = OmegaConf.to_container(old) if isinstance(old, ListConfig | DictConfig) else old
             raise ConfigError(
@@ -152,6 +156,13 @@ def _missing_keys(node: DictConfig, prefix: str = "") -> list[str]:
         elif not child._is_interpolation() and child._is_missing():
             found.append(f"{prefix}{key}")
     return found
+
+
+def _first_value(override: Any) -> str | None:
+    try:
+        return next(iter(override.sweep_string_iterator()))
+    except Exception:  # IntervalSweep and the like have no values to list
+        return None
 
 
 def _check_required(cfg: DictConfig) -> None:

@@ -161,3 +161,23 @@ def test_eval_batch_size_in_the_form_hydra_suggests(files: dict[str, Path]) -> N
     assert done.returncode == 0, done.stderr[-3000:]
     evaluated = json.loads((files["root"] / "eval64" / "eval.json").read_text())
     assert evaluated["test"] == files["results"]["test"]  # batch size 64 instead of 512
+
+
+@pytest.mark.parametrize(
+    "model", sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "model").glob("*.yaml"))
+)
+def test_every_models_checkpoint_is_plain_data(model: str, tmp_path: Path) -> None:
+    """What Lightning puts into a checkpoint of each model, after the module's hook, loads with
+    the weights-only unpickler."""
+    from hydra.utils import instantiate
+    from omegaconf import open_dict
+
+    cfg = compose_config([f"model={model}"])
+    with open_dict(cfg):
+        cfg.model.num_items = 50
+    module = instantiate(cfg.model)
+    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    module.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, tmp_path / "model.ckpt")
+    loaded = load_checkpoint(tmp_path / "model.ckpt")
+    assert loaded["hyper_parameters"]["name"] == model
