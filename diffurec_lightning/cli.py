@@ -128,9 +128,9 @@ def check_overrides(overrides: list[str], config_name: str = "train") -> DictCon
         if new == "auto":
             continue  # Lightning takes "auto" for its counts (trainer.devices=auto)
         if old_kind and new_kind and new_kind not in _ACCEPTS[old_kind]:
-            shown = OmegaConf.to_container(old) if isinstance(old, ListConfig | DictConfig) else old
+            shown = _as_override(old)
             raise ConfigError(
-                f"{key}={raw}: expected {_EXPECTED[old_kind]} (the default is {shown!r}); "
+                f"{key}={raw}: expected {_EXPECTED[old_kind]} (the default is {shown}); "
                 f"e.g. {key}={shown}"
             )
     return cfg
@@ -156,6 +156,17 @@ def _missing_keys(node: DictConfig, prefix: str = "") -> list[str]:
         elif not child._is_interpolation() and child._is_missing():
             found.append(f"{prefix}{key}")
     return found
+
+
+def _as_override(value: Any) -> str:
+    """A value as it is written on the command line (true, [5, 10], 0.001)."""
+    if isinstance(value, ListConfig | DictConfig):
+        value = OmegaConf.to_container(value)
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return "[" + ", ".join(_as_override(item) for item in value) + "]"
+    return str(value)
 
 
 def _first_value(override: Any) -> str | None:
