@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -74,6 +75,7 @@ def test_resume_after_sigkill_is_bit_identical(run_env: Path) -> None:
     assert resumed["resumed_from"] == str(run_env / "killed" / "checkpoints" / "last.ckpt")
     assert resumed["test"] == straight["test"] and resumed["val"] == straight["val"]
     assert resumed["global_step"] == straight["global_step"]
+    assert stat.S_IMODE((run_env / "killed" / "results.json").stat().st_mode) == 0o644
     a = load_checkpoint(run_env / "straight" / "checkpoints" / "last.ckpt")
     b = load_checkpoint(run_env / "killed" / "checkpoints" / "last.ckpt")
     assert a["state_dict"].keys() == b["state_dict"].keys()
