@@ -181,3 +181,15 @@ def test_every_models_checkpoint_is_plain_data(model: str, tmp_path: Path) -> No
     torch.save(checkpoint, tmp_path / "model.ckpt")
     loaded = load_checkpoint(tmp_path / "model.ckpt")
     assert loaded["hyper_parameters"]["name"] == model
+
+
+@pytest.mark.slow  # three gloo ranks on two cores: about a minute
+def test_ddp_with_more_ranks_than_evaluation_batches(files: dict[str, Path]) -> None:
+    """400 users in one 512-user batch, three ranks: every rank gets a share, metrics unchanged."""
+    done = cli(
+        files, TRAIN, *SMALL, "train=false", "ckpt_path={good}", "trainer=ddp",
+        "trainer.accelerator=cpu", "trainer.devices=3", "hydra.run.dir={root}/ddp3",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    ddp = json.loads((files["root"] / "ddp3" / "results.json").read_text())
+    assert ddp["test"] == files["results"]["test"]
