@@ -15,3 +15,31 @@ def compose_config(overrides: list[str] | None = None, config_name: str = "train
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name=config_name, overrides=overrides or [])
+
+
+def run_key() -> str:
+    """``_<id>`` naming this run when a scheduler does (a W&B sweep run, a SLURM array task or
+    job), else ``""``: run folders are named to the second, and parallel sweep agents or array
+    tasks started in the same second would otherwise share one (conf/hydra/default.yaml)."""
+    import os
+    import re
+
+    array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    for key in (
+        os.environ.get("WANDB_RUN_ID"),
+        f"{array_job}_{task}" if array_job and task else None,
+        os.environ.get("SLURM_JOB_ID"),
+    ):
+        if key:
+            return "_" + re.sub(r"[^A-Za-z0-9_.-]", "_", key)
+    return ""
+
+
+def _register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("run_key"):
+        OmegaConf.register_new_resolver("run_key", run_key)
+
+
+_register_resolvers()

@@ -7,10 +7,7 @@ these files, never from a W&B server.
 
 from __future__ import annotations
 
-import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +18,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from diffurec_lightning.checkpoints import check_checkpoint
 from diffurec_lightning.errors import DiffuRecError
 from diffurec_lightning.launch.requeue import cluster_plugins, hpc_checkpoints
 from diffurec_lightning.precision import (
@@ -104,11 +102,10 @@ def resolve_trainer_precision(cfg: DictConfig) -> str:
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".json.tmp")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(payload, handle, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    # Mode 0644 like every other output, NaN as null (analysis.files.write_json).
+    from diffurec_lightning.analysis.files import write_json
+
+    write_json(path, payload)
 
 
 def print_metrics_table(title: str, metrics: dict[str, float]) -> None:
@@ -176,9 +173,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
     ckpt_path = resume_checkpoint(cfg, trainer)
+    check_checkpoint(ckpt_path)  # one clear line for a missing, damaged or foreign file
     if cfg.get("train", True):
-        # Our own checkpoints (hparams, loop and callback state) need the full unpickler.
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
+        # Checkpoints are plain data (diffurec_lightning/checkpoints.py): nothing in one can run.
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     val_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
 
     checkpoint = _checkpoint_callback(trainer)
@@ -187,7 +185,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("test", True):
         # Without any validation (e.g. fast_dev_run) there is no best checkpoint: test the weights.
         ckpt = (best_path or None) if cfg.get("train", True) else ckpt_path
-        trainer.test(model, datamodule=datamodule, ckpt_path=ckpt, weights_only=False)
+        trainer.test(model, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
         test_metrics = {
             k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")
         }
@@ -234,4 +232,6 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    from diffurec_lightning.cli import run
+
+    run(main, "train")  # overrides checked first: one error line instead of Hydra's trace

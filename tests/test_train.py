@@ -65,7 +65,7 @@ def test_same_seed_gives_same_metrics(run_env: Path) -> None:
 def _validate(cfg_overrides: list[str], tmp_path: Path, ckpt: str) -> dict[str, float]:
     cfg = compose_config([f"paths.output_dir={tmp_path}", "logger=csv", *cfg_overrides])
     datamodule, model, trainer = build(cfg)
-    (metrics,) = trainer.validate(model, datamodule=datamodule, ckpt_path=ckpt, weights_only=False)
+    (metrics,) = trainer.validate(model, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
     return metrics
 
 

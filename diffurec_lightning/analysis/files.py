@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -29,9 +30,24 @@ def write_atomic(path: str | Path, write: Callable[[str], None]) -> Path:
     return path
 
 
+def json_ready(value: Any) -> Any:
+    """``value`` with NaN and infinities as None: bare NaN is not JSON (an empty case-study
+    group has no metric), and strict readers (jq, JavaScript, other languages) reject it."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_ready(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_ready(item) for item in value]
+    return value
+
+
 def write_json(path: str | Path, payload: Any) -> Path:
+    """Valid JSON (NaN written as null), mode 0644, atomically."""
+
     def write(tmp: str) -> None:
-        Path(tmp).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+        text = json.dumps(json_ready(payload), indent=2, sort_keys=True, allow_nan=False)
+        Path(tmp).write_text(text + "\n")
 
     return write_atomic(path, write)
 

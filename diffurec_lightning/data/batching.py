@@ -7,6 +7,8 @@ from collections.abc import Iterator
 import numpy as np
 from torch.utils.data import Sampler
 
+from diffurec_lightning.errors import ConfigError
+
 # Bucketing sorts by length inside windows of this many batches: wide enough to group similar
 # lengths, narrow enough that every epoch still mixes the data well.
 BUCKET_WINDOW_BATCHES = 50
@@ -107,6 +109,11 @@ class EvalBatchSampler(Sampler[list[int]]):
         rank: int = 0,
     ) -> None:
         self.lengths = np.asarray(lengths)
+        if len(self.lengths) < num_replicas:
+            raise ConfigError(
+                f"{len(self.lengths)} evaluation users for {num_replicas} ranks: every rank "
+                f"needs at least one; run on at most {len(self.lengths)} devices"
+            )
         self.batch_size = batch_size
         self.bucketing = bucketing
         self.num_replicas = num_replicas
@@ -115,7 +122,13 @@ class EvalBatchSampler(Sampler[list[int]]):
     def global_batches(self) -> list[np.ndarray]:
         n = len(self.lengths)
         order = np.argsort(self.lengths, kind="stable") if self.bucketing else np.arange(n)
-        return [order[i : i + self.batch_size] for i in range(0, n, self.batch_size)]
+        size = self.batch_size
+        if -(-n // size) < self.num_replicas:
+            # Fewer batches than ranks: a rank without any would never join the collectives of
+            # the evaluation. Smaller batches (n // ranks users) give every rank at least one;
+            # the metrics are sums over users, so the batch size changes nothing.
+            size = n // self.num_replicas
+        return [order[i : i + size] for i in range(0, n, size)]
 
     def __iter__(self) -> Iterator[list[int]]:
         for batch in self.global_batches()[self.rank :: self.num_replicas]:

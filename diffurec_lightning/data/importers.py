@@ -9,8 +9,6 @@ file is streamed once into a typed temporary parquet file, which later passes re
 from __future__ import annotations
 
 import hashlib
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import numpy as np
 import polars as pl
 
 from diffurec_lightning.data import preprocess as pp
+from diffurec_lightning.data.scratch import scratch_dir
 from diffurec_lightning.data.store import MIN_SEQUENCE_LENGTH, write_cache
 from diffurec_lightning.errors import DataError
 
@@ -353,17 +352,14 @@ def import_interactions(
     raw = scan_raw(path, format, separator)
     check_columns(path, raw, format, columns)
 
-    # Intermediate files sit next to the cache (same disk, which the user chose to be large).
-    cache_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.import-", dir=cache_dir.parent))
-    try:
+    # Intermediate files sit next to the cache (same disk, which the user chose to be large),
+    # in a folder that SIGTERM removes and the next import removes after a SIGKILL.
+    with scratch_dir(cache_dir.parent, cache_dir.name, "import") as work:
         staged, interactions, core = _stage_and_filter(
             path, format, raw, columns, work, min_rating=min_rating, k_core=k_core
         )
         sequences, user_ids, item_ids = _build_sequences(staged, interactions, core, work)
         num_raw_rows = staged.select(pl.len()).collect().item()
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     meta = {
         "name": name or path.stem,
         "source": str(path),

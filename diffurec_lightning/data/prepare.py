@@ -10,7 +10,7 @@ from typing import Any
 
 from diffurec_lightning.data.benchmarks import BENCHMARKS, convert_pickle, prepare_benchmark
 from diffurec_lightning.data.store import is_cached
-from diffurec_lightning.errors import DataError
+from diffurec_lightning.errors import DataError, DiffuRecError
 
 # Options of a user import that change its result; they key the cache folder.
 _IMPORT_KEYS = (
@@ -69,14 +69,14 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m diffurec_lightning.data.prepare data=toys`` (any Hydra overrides of train.yaml)."""
     import sys
 
-    from diffurec_lightning.config import compose_config
+    from diffurec_lightning.cli import check_overrides
 
     overrides = sys.argv[1:] if argv is None else argv
     force = "force=true" in overrides
-    cfg = compose_config([o for o in overrides if o != "force=true"])
     try:
+        cfg = check_overrides([o for o in overrides if o != "force=true"])
         cache_dir = prepare_dataset(cfg.data, cfg.paths.data_dir, force=force)
-    except DataError as exc:
+    except DiffuRecError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     from diffurec_lightning.data.store import read_meta

@@ -3,7 +3,8 @@
 Every dataset, benchmark or user-imported, ends up in the same format::
 
     <cache_dir>/
-      meta.json           name, counts, source and its checksum, format version
+      meta.json           name, counts, source and its checksum, format version, and the
+                          size and sha256 of every other file (checked on every load)
       sequences.parquet   user (int32, 0..U-1), items (list[int32]): the full chronological
                           sequence; its last item is the test target, the one before the
                           validation target, the rest is training history
@@ -18,6 +19,7 @@ DataModule memory-maps, so no padded matrix of prefixes is ever materialised.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -29,11 +31,14 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from diffurec_lightning.data.scratch import scratch_dir
 from diffurec_lightning.errors import DataError
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: meta.json records the size and sha256 of every file
 MIN_SEQUENCE_LENGTH = 3  # one training item, the validation item and the test item
-_FILES = ("meta.json", "sequences.parquet", "user_ids.parquet", "item_ids.parquet")
+_RECORD = ("sequences.parquet", "user_ids.parquet", "item_ids.parquet")  # the portable record
+_ARRAYS = ("items.npy", "offsets.npy")  # derived from sequences.parquet, rebuilt when damaged
+_FILES = ("meta.json", *_RECORD)
 
 
 @dataclass(frozen=True)
@@ -121,10 +126,8 @@ def write_cache(
         "num_train_prefixes": int(np.maximum(np.diff(offsets) - 3, 0).sum()),
     }
 
-    cache_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.tmp-", dir=cache_dir.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary shared folder
-    try:
+    with scratch_dir(cache_dir.parent, cache_dir.name, "tmp") as tmp:
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary shared folder
         sequences.write_parquet(tmp / "sequences.parquet")
         pl.DataFrame(
             {"user": np.arange(sequences.height, dtype=np.int32), "original_id": user_ids},
@@ -136,31 +139,61 @@ def write_cache(
         ).write_parquet(tmp / "item_ids.parquet")
         np.save(tmp / "items.npy", flat)
         np.save(tmp / "offsets.npy", offsets)
+        meta["files"] = {name: file_record(tmp / name) for name in (*_RECORD, *_ARRAYS)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
         if cache_dir.exists():
             shutil.rmtree(cache_dir)
         try:
-            os.replace(tmp, cache_dir)
+            os.replace(tmp, cache_dir)  # the scratch folder's cleanup then finds nothing
         except OSError:
             # Another process (a DDP rank) finished the same preparation first: keep its copy.
             if not is_cached(cache_dir):
                 raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return cache_dir
 
 
-def is_cached(cache_dir: Path) -> bool:
-    cache_dir = Path(cache_dir)
-    if not all((cache_dir / name).is_file() for name in _FILES):
-        return False
+def file_record(path: Path) -> dict[str, Any]:
+    """Size and sha256 of a file, as meta.json records them."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def damaged_files(cache_dir: Path, meta: dict[str, Any], names: tuple[str, ...]) -> list[str]:
+    """Those of ``names`` that are missing or differ in size or checksum from meta.json."""
+    recorded = meta.get("files", {})
+    damaged = []
+    for name in names:
+        path = Path(cache_dir) / name
+        expected = recorded.get(name)
+        if (
+            expected is None
+            or not path.is_file()
+            or path.stat().st_size != expected["size"]
+            or file_record(path)["sha256"] != expected["sha256"]
+        ):
+            damaged.append(name)
+    return damaged
+
+
+def _meta_or_none(cache_dir: Path) -> dict[str, Any] | None:
     try:
-        meta = json.loads((cache_dir / "meta.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        meta = json.loads((Path(cache_dir) / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def is_cached(cache_dir: Path) -> bool:
+    """A complete cache of this format whose parquet record is intact (the .npy arrays are
+    rebuilt from it by load_store when missing or damaged)."""
+    cache_dir = Path(cache_dir)
+    meta = _meta_or_none(cache_dir)
+    if meta is None or meta.get("format_version") != CACHE_FORMAT_VERSION:
         return False
-    return meta.get("format_version") == CACHE_FORMAT_VERSION
+    return not damaged_files(cache_dir, meta, _RECORD)
 
 
 def read_meta(cache_dir: Path) -> dict[str, Any]:
@@ -168,19 +201,31 @@ def read_meta(cache_dir: Path) -> dict[str, Any]:
 
 
 def load_store(cache_dir: Path) -> SequenceStore:
-    """Memory-map the compact store of a prepared dataset."""
+    """Memory-map the compact store of a prepared dataset (checked against meta.json first)."""
     cache_dir = Path(cache_dir)
     if not is_cached(cache_dir):
+        meta = _meta_or_none(cache_dir)
+        if meta is not None and meta.get("format_version") == CACHE_FORMAT_VERSION:
+            damaged = ", ".join(damaged_files(cache_dir, meta, _RECORD))
+            raise DataError(
+                f"{cache_dir}: {damaged} damaged (size or checksum differs from meta.json); "
+                "rebuild the cache with `python -m diffurec_lightning.data.prepare data=<name> "
+                "force=true` (or delete the folder)"
+            )
         raise DataError(
             f"{cache_dir}: no prepared dataset here; run `make data DATA=<name>` "
             "or `python -m diffurec_lightning.data.prepare <name>` first"
         )
     meta = read_meta(cache_dir)
-    items_path, offsets_path = cache_dir / "items.npy", cache_dir / "offsets.npy"
-    if not (items_path.is_file() and offsets_path.is_file()):
+    if damaged_files(cache_dir, meta, _ARRAYS):
         _rebuild_arrays(cache_dir)
-    items = np.load(items_path, mmap_mode="r")
-    offsets = np.load(offsets_path)
+        if damaged_files(cache_dir, meta, _ARRAYS):
+            raise DataError(
+                f"{cache_dir}: items.npy/offsets.npy rebuilt from sequences.parquet differ from "
+                "meta.json; rebuild the cache with force=true"
+            )
+    items = np.load(cache_dir / "items.npy", mmap_mode="r")
+    offsets = np.load(cache_dir / "offsets.npy")
     return SequenceStore(items=items, offsets=offsets, num_items=int(meta["num_items"]))
 
 

@@ -16,6 +16,14 @@ the epoch-end callbacks, so that the resumed run does not skip them. The signal 
 arrive before one, and writing the checkpoint. During the test after fit the signal is only
 noted.
 
+SIGTERM alone (clusters or preemption without ``--signal``) is handled the same way: the flag,
+a checkpoint at the next shared step, a requeue attempt, and then this attempt ends at once
+(SLURM's SIGKILL follows SIGTERM after KillWait, typically 30 s). The callback measures how long
+a validation pass and a training step take; when SLURM tells the job's end time
+(``SLURM_JOB_END_TIME``) it acts by itself once the time left falls under the measured need, so
+a validation longer than the signal lead (on CPU it can take minutes) never runs into the kill;
+otherwise it warns that ``--signal-lead`` is too short and by how much.
+
 Resuming mid-epoch follows Lightning: the epoch restarts its (deterministic) batch order and
 runs only the remaining number of steps, so that epoch repeats its first batches and skips as
 many of its last; the step count stays exact.
@@ -81,11 +89,21 @@ def cluster_plugins(callbacks: list[Any]) -> list[Any]:
     return []
 
 
+def _is_ours(handler: Any) -> bool:
+    return getattr(handler, "__func__", None) is SlurmRequeue._on_signal
+
+
 class SlurmRequeue(Callback):
     """On ``signal_name`` (SLURM's ``--signal``), checkpoint at the next step all ranks share,
     requeue the job and wait to be stopped. Does nothing outside a SLURM batch job."""
 
-    def __init__(self, signal_name: str = "SIGUSR1", stop_timeout_s: float = 900.0) -> None:
+    def __init__(
+        self,
+        signal_name: str = "SIGUSR1",
+        stop_timeout_s: float = 900.0,
+        signal_lead_s: float = 90.0,
+        checkpoint_margin_s: float = 30.0,
+    ) -> None:
         try:
             self.signum = signal.Signals[signal_name]
         except KeyError:
@@ -98,13 +116,38 @@ class SlurmRequeue(Callback):
                 f"callbacks.slurm_requeue.stop_timeout_s must be > 0, got {stop_timeout_s}"
             )
         self.stop_timeout_s = stop_timeout_s
+        self.signal_lead_s = signal_lead_s
+        self.checkpoint_margin_s = checkpoint_margin_s
         self.signalled = False
+        self.terminated = False  # the flag came from SIGTERM: end this attempt after saving
         self._previous: Any = None
+        self._previous_term: Any = None
         self._installed = False
+        # Measured durations (s): the longest validation pass and training step so far.
+        self.validation_s = 0.0
+        self.step_s = 0.0
+        self._started: dict[str, float] = {}
+        self._warned = False
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         # Nothing else may happen here: the main thread can be anywhere, a collective included.
         self.signalled = True
+        if signum == signal.SIGTERM:
+            self.terminated = True
+
+    @property
+    def needed_lead_s(self) -> float:
+        """What acting on the signal can take: a training step, a validation pass (a signal
+        during the epoch's last batch waits for it) and writing the checkpoint."""
+        return self.step_s + self.validation_s + self.checkpoint_margin_s
+
+    @staticmethod
+    def job_end_time() -> float | None:
+        """The job's end time (Unix seconds) when SLURM provides it."""
+        try:
+            return float(os.environ["SLURM_JOB_END_TIME"])
+        except (KeyError, ValueError):
+            return None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # Installed for every stage: a signal during the final test is only noted, so the test
@@ -113,15 +156,58 @@ class SlurmRequeue(Callback):
             return
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers belong to the main thread
-        self.signalled = False
+        self.signalled = self.terminated = False
         self._previous = signal.signal(self.signum, self._on_signal)
         self._installed = True
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning has registered its SIGTERM handler by now (after on_fit_start); replace it
+        # with the flag, since Lightning's starts a collective inside the handler (docstring).
+        if self._installed and self.signum != signal.SIGTERM:
+            self._previous_term = signal.signal(signal.SIGTERM, self._on_signal)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._installed:
             # None: the old handler was not set from Python; the default is the closest.
             signal.signal(self.signum, self._previous or signal.SIG_DFL)
+            if self._previous_term is not None and _is_ours(signal.getsignal(signal.SIGTERM)):
+                signal.signal(signal.SIGTERM, self._previous_term)
+            self._previous_term = None
             self._installed = False
+
+    # -- measuring what the signal lead must cover ---------------------------------------------
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._started["validation"] = time.monotonic()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if "validation" in self._started:
+            took = time.monotonic() - self._started.pop("validation")
+            self.validation_s = max(self.validation_s, took)
+            self._warn_if_lead_is_short()
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._started["step"] = time.monotonic()
+
+    def _measure_step(self) -> None:
+        if "step" in self._started:
+            self.step_s = max(self.step_s, time.monotonic() - self._started.pop("step"))
+
+    def _time_is_short(self) -> bool:
+        """True once the job's end is nearer than what acting on the signal needs."""
+        end = self.job_end_time()
+        return end is not None and end - time.time() < max(self.signal_lead_s, self.needed_lead_s)
+
+    def _warn_if_lead_is_short(self) -> None:
+        if self._installed and not self._warned and self.needed_lead_s > self.signal_lead_s:
+            self._warned = True
+            hint = "" if self.job_end_time() is not None else "; resubmit with a longer lead"
+            rank_zero_warn(
+                f"a validation pass took {self.validation_s:.0f} s: acting on the requeue signal "
+                f"can take {self.needed_lead_s:.0f} s, more than the {self.signal_lead_s:.0f} s "
+                f"signal lead (--signal-lead {int(self.needed_lead_s) + 1}){hint}"
+            )
 
     def on_train_batch_end(
         self,
@@ -135,6 +221,7 @@ class SlurmRequeue(Callback):
         # (ModelCheckpoint, EarlyStopping); a checkpoint taken before them would resume past
         # them. on_train_epoch_end acts for that batch instead. Every rank has the same number
         # of batches, so all take the same branch.
+        self._measure_step()
         if batch_idx + 1 < trainer.num_training_batches:
             self._act_if_signalled(trainer)
 
@@ -145,8 +232,10 @@ class SlurmRequeue(Callback):
         if not self._installed:
             return
         # Every rank reaches this point at the same step, so the all-reduce always pairs up.
-        if not trainer.strategy.reduce_boolean_decision(self.signalled, all=False):
+        act = self.signalled or self._time_is_short()
+        if not trainer.strategy.reduce_boolean_decision(act, all=False):
             return
+        terminated = trainer.strategy.reduce_boolean_decision(self.terminated, all=False)
         self.signalled = False
         path = next_hpc_checkpoint(trainer.default_root_dir)
         trainer.save_checkpoint(path, weights_only=False)  # collective: every rank takes part
@@ -156,7 +245,12 @@ class SlurmRequeue(Callback):
         # (Lightning's own SIGTERM handler would start a collective inside the handler).
         previous_term = signal.signal(signal.SIGTERM, signal.SIG_DFL)
         requeued = self._requeue() if trainer.is_global_zero else False
-        if not trainer.strategy.broadcast(requeued, src=0):
+        requeued = trainer.strategy.broadcast(requeued, src=0)
+        if terminated:
+            # SIGTERM came already and SIGKILL follows: end now, with the checkpoint complete.
+            rank_zero_info(f"saved {path} after SIGTERM (requeued: {requeued}); stopping")
+            raise SystemExit(128 + signal.SIGTERM)
+        if not requeued:
             signal.signal(signal.SIGTERM, previous_term)
             rank_zero_warn(f"saved {path} but could not requeue; training goes on until stopped")
             return

@@ -119,6 +119,8 @@ def train_overrides(job: SlurmJob) -> list[str]:
         f"trainer.strategy={'ddp' if world > 1 else 'auto'}",
         f"hydra.run.dir={RUN_DIR}",
         "ckpt_path=auto",
+        # The callback compares the lead with the validation time it measures.
+        f"callbacks.slurm_requeue.signal_lead_s={job.signal_lead_s}",
     ]
     try:
         cfg = compose_config([*overrides, *job.overrides])

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import CatMetric
 
+from diffurec_lightning.checkpoints import plain
 from diffurec_lightning.errors import ConfigError
 from diffurec_lightning.metrics import TopKMetrics, target_ranks, top_k_items
 
@@ -123,6 +124,8 @@ class RecommenderModule(L.LightningModule):
     # -- checkpoint state ----------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["best_metrics"] = dict(self.best)
+        # Plain data only (no OmegaConf lists in hparams): loadable with weights_only=True.
+        checkpoint.update(plain(checkpoint))
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.best = dict(checkpoint.get("best_metrics", {}))
