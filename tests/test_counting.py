@@ -126,7 +126,6 @@ def test_markov_reaches_the_toys_floor(run_env: Path) -> None:
     assert results["val_best"]["val/hr@10"] == pytest.approx(0.095, abs=0.003)
     assert results["test"]["test/hr@10"] == pytest.approx(0.079, abs=0.003)
     assert results["test"]["test/ndcg@10"] == pytest.approx(0.051, abs=0.002)
-    assert results["wall_time_s"] < 60
 
 
 def test_eval_samples_feed_the_validation_item_to_test() -> None:
