@@ -22,7 +22,7 @@ export MALLOC_MMAP_THRESHOLD_ ?= 33554432
 export MALLOC_TRIM_THRESHOLD_ ?= 17179869184
 export MALLOC_TOP_PAD_ ?= 1073741824
 
-.PHONY: help install train test test-all lint format data bench bench-tta eval predict curves report sweep agent slurm seeds clean
+.PHONY: help install train test test-all lint format data bench bench-tta eval predict curves report reproduce sweep agent slurm seeds clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -62,7 +62,8 @@ data: install  ## prepare a dataset cache: make data DATA=toys (or DATA=custom A
 CKPT     ?=
 OUT      ?= outputs/predictions.parquet
 RUNS     ?= outputs
-BASELINE ?= diffurec
+BASELINE ?=
+MODELS   ?= pop markov diffurec diffurecsys
 REPORT   ?= docs/report.md
 need-ckpt = $(if $(CKPT),,$(error set CKPT=outputs/runs/<date>/<time>_<data>_<model>/checkpoints/<file>.ckpt))
 
@@ -79,7 +80,12 @@ curves: install  ## test metrics vs reverse steps and ensemble size: make curves
 	$(PY) -m diffurec_lightning.eval mode=curves ckpt_path=$(CKPT) $(ARGS)
 
 report: install  ## mean +- std over seeds and paired t-tests: make report RUNS=outputs BASELINE=diffurec
-	$(PY) -m diffurec_lightning.analysis.report --runs $(RUNS) --baseline $(BASELINE) --out $(REPORT) --figures $(dir $(REPORT))figures $(ARGS)
+	$(PY) -m diffurec_lightning.analysis.report --runs $(RUNS) --baseline $(or $(BASELINE),diffurec) --out $(REPORT) --figures $(dir $(REPORT))figures $(ARGS)
+
+# One command per table: each model's recipe (conf/experiment/<model>_<data>.yaml if any) over
+# seeds 0..SEEDS-1, one run at a time, into outputs/reproduce/<data>/<time>/, then its report.md.
+reproduce: install  ## every model x seed, then the report: make reproduce DATA=toys MODELS="pop markov diffurec diffurecsys" SEEDS=3 [BASELINE=markov]
+	$(PY) -m diffurec_lightning.analysis.reproduce --data $(DATA) --models $(MODELS) --seeds $(SEEDS) --baseline $(or $(BASELINE),markov) $(ARGS)
 
 # -- sweeps, SLURM, seeds (docs/experiments.md) ---------------------------------------------------
 SWEEP      ?= sweeps/diffurecsys_toys.yaml

@@ -18,6 +18,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from diffurec_lightning.analysis.test_curve import TestEveryValidation
 from diffurec_lightning.checkpoints import check_checkpoint
 from diffurec_lightning.errors import DiffuRecError
 from diffurec_lightning.launch.requeue import cluster_plugins, hpc_checkpoints
@@ -55,6 +56,10 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
         with open_dict(cfg):
             cfg.model.num_items = datamodule.num_items
         model = instantiate(cfg.model)
+        # A model fitted by counting (models/counting.py) has no epochs to run: it sets its own
+        # short budget, recorded in the config like num_items.
+        with open_dict(cfg):
+            cfg.trainer.update(getattr(model, "trainer_overrides", {}))
         resolve_trainer_precision(cfg)
         callbacks = instantiate_group(cfg.get("callbacks"))
         # Passed only when there are some: plugins=None would drop trainer.plugins of the config.
@@ -108,17 +113,25 @@ def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     write_json(path, payload)
 
 
-def print_metrics_table(title: str, metrics: dict[str, float]) -> None:
+def print_metrics_table(
+    title: str, metrics: dict[str, float], validation: dict[str, Any] | None = None
+) -> None:
+    """Test metrics, under the validation metrics of the same checkpoint when given."""
     from rich.console import Console
     from rich.table import Table
 
     # Overall metrics only ("test/hr@10"); per-group case-study keys ("test/head/hr@10") stay in
     # results.json and case_studies.json.
-    metrics = {key: value for key, value in metrics.items() if key.count("/") == 1}
+    names = [key.split("/")[-1] for key in metrics if key.count("/") == 1]
     table = Table(title=title)
-    for key in metrics:
-        table.add_column(key.split("/")[-1], justify="right")
-    table.add_row(*(f"{value:.4f}" for value in metrics.values()))
+    table.add_column("split")
+    for name in names:
+        table.add_column(name, justify="right")
+    if validation:
+        epoch = validation.get("epoch")
+        label = "validation" + (f" (epoch {epoch})" if epoch is not None else "")
+        table.add_row(label, *(f"{validation.get(f'val/{n}', float('nan')):.4f}" for n in names))
+    table.add_row("test", *(f"{metrics[f'test/{n}']:.4f}" for n in names))
     Console().print(table)
 
 
@@ -164,6 +177,28 @@ def log_best_checkpoint(trainer: L.Trainer, path: str) -> None:
             logger.experiment.log_artifact(artifact, aliases=["best"])
 
 
+def tested_validation(model: L.LightningModule, best_path: str, tested: bool) -> dict[str, Any]:
+    """Validation metrics (and epoch, step) of the weights that were tested: after a test the
+    module holds those of the checkpoint it loaded; without one, the best checkpoint's own."""
+    if best_path and not tested:
+        import torch
+
+        checkpoint = torch.load(best_path, map_location="cpu", weights_only=False)
+        return checkpoint.get("validation", {})
+    return getattr(model, "validation", {})
+
+
+def log_selected_validation(trainer: L.Trainer, validation: dict[str, Any]) -> None:
+    """Put the tested checkpoint's validation metrics in the W&B summary next to test/*
+    (``val_best/hr@10``, ``val_best/epoch``)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    summary = {f"val_best/{k.split('/', 1)[-1]}": v for k, v in validation.items()}
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and summary:
+            logger.experiment.summary.update(summary)
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit (optionally), test the best checkpoint (optionally), write results.json; return it."""
     started = time.time()
@@ -190,13 +225,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")
         }
 
+    tested = dict(tested_validation(model, best_path, tested=bool(test_metrics)))
     results = {
         "config": OmegaConf.to_container(cfg, resolve=True),
         "dataset": cfg.data.name,
         "model": cfg.model.name,
         "seed": cfg.seed,
+        # The last validation; then the validation of the checkpoint that is (or would be)
+        # tested, with its epoch; and each metric's maximum over validations (epochs can differ).
         "val": {k: v for k, v in val_metrics.items() if not k.endswith("_best")},
-        "val_best": {k[: -len("_best")]: v for k, v in val_metrics.items() if k.endswith("_best")},
+        "val_best": {k: v for k, v in tested.items() if k.startswith("val/")},
+        "val_best_epoch": tested.get("epoch"),
+        "val_max": {k[: -len("_best")]: v for k, v in val_metrics.items() if k.endswith("_best")},
         "test": test_metrics,
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
@@ -206,12 +246,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "padding_fraction": datamodule.padding_fraction("train"),
         "precision": str(cfg.trainer.precision),
     }
+    curve = next((c for c in trainer.callbacks if isinstance(c, TestEveryValidation)), None)
+    if curve is not None and curve.enabled:
+        results["history"] = curve.history
     if trainer.is_global_zero:
         # results.json first: it is the run's record, the artifact upload only a copy.
         write_json_atomic(Path(cfg.paths.output_dir) / "results.json", results)
         log_best_checkpoint(trainer, best_path)
+        log_selected_validation(trainer, tested)
         if test_metrics:
-            print_metrics_table(f"test: {cfg.model.name} on {cfg.data.name}", test_metrics)
+            title = f"{cfg.model.name} on {cfg.data.name}"
+            print_metrics_table(title, test_metrics, tested)
     return results
 
 
@@ -228,7 +273,7 @@ def main(cfg: DictConfig) -> float | None:
         if wandb.run is not None:
             wandb.finish()
     # The value a Hydra sweeper would optimise.
-    return results["val_best"].get("val/ndcg@10")
+    return results["val_best"].get(cfg.monitor)
 
 
 if __name__ == "__main__":

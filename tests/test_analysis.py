@@ -188,12 +188,23 @@ def test_duplicate_seed_keeps_the_newest_and_skips_unfinished(tmp_path: Path) ->
 
 # -- the report ------------------------------------------------------------------------------
 def test_report_on_two_fake_finished_runs(tmp_path: Path) -> None:
-    write_run(tmp_path / "runs", "diffurec", 0, metrics(0.05))
-    write_run(tmp_path / "runs", "diffurecsys", 0, metrics(0.06))
+    val = {f"val/{m}": 0.07 for m in METRIC_NAMES}
+    write_run(tmp_path / "runs", "diffurec", 0, metrics(0.05), val_best=val, val_best_epoch=4)
+    write_run(tmp_path / "runs", "diffurecsys", 0, metrics(0.06))  # no validation recorded
     out = tmp_path / "docs" / "report.md"
     result = build_report([tmp_path / "runs"], "diffurec", out)
     text = out.read_text()
-    assert "| toys | diffurec | 0 | 0.0500 ± — |" in text  # one seed: no std
+    # Validation of the tested checkpoint beside its test; one seed: no std.
+    assert "| seeds | epoch | val hr@5 | test hr@5 | val hr@10 |" in text
+    assert "| toys | diffurec | 0 | 4 | 0.0700 ± — | 0.0500 ± — | 0.0700 ± — | 0.0600 ± — |" in text
+    assert "| toys | diffurecsys | 0 | — | — ± — | 0.0600 ± — |" in text
+    # The published numbers of method.md, under ours.
+    assert "| toys | diffurec | this project, test (mean of 1) | 0.0500 |" in text
+    assert (
+        "| toys | diffurec | published: DiffuRecSys paper, Table 3 (DiffuRec baseline) | 0.0557 |"
+        in text
+    )
+    assert "| toys | sasrec | published: DiffuRecSys paper, Table 5 | — | 0.0652 |" in text
     assert "| toys | diffurecsys | hr@5 | 1 | 0.0600 | 0.0500 | +20.0% | — | — |" in text
     assert "trainer.max_epochs" in text and "| 3 |" in text
     assert len(result["ttest"]) == 6

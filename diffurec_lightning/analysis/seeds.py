@@ -75,8 +75,25 @@ def test_values(runs: Sequence[Run], metric: str) -> np.ndarray:
     return np.asarray([run["test"][f"test/{metric}"] for run in runs], dtype=np.float64)
 
 
+def val_values(runs: Sequence[Run], metric: str) -> np.ndarray:
+    """Validation of the tested checkpoint (results.json ``val_best``); NaN where missing."""
+    return np.asarray(
+        [(run.get("val_best") or {}).get(f"val/{metric}", math.nan) for run in runs],
+        dtype=np.float64,
+    )
+
+
+def _mean_std(values: np.ndarray) -> tuple[float, float]:
+    if np.isnan(values).any():
+        return math.nan, math.nan
+    std = float(values.std(ddof=1)) if len(values) > 1 else math.nan
+    return float(values.mean()), std
+
+
 def summary_rows(runs: Sequence[Run], metrics: Sequence[str] = METRICS) -> list[dict[str, Any]]:
-    """Per (dataset, model): seeds, then mean and sample std (ddof=1) of each metric."""
+    """Per (dataset, model): seeds, the epochs of the tested checkpoints, then mean and sample
+    std (ddof=1) of each test metric (``hr@10_mean``) and of the validation metric of the same
+    checkpoints (``val_hr@10_mean``; NaN when a run lacks it)."""
     rows = []
     for (dataset, model), seeds in sorted(by_config(runs).items()):
         group = [seeds[s] for s in sorted(seeds)]
@@ -85,11 +102,13 @@ def summary_rows(runs: Sequence[Run], metrics: Sequence[str] = METRICS) -> list[
             "model": model,
             "n": len(group),
             "seeds": sorted(seeds),
+            "epochs": [run.get("val_best_epoch") for run in group],
         }
         for metric in metrics:
-            values = test_values(group, metric)
-            row[f"{metric}_mean"] = float(values.mean())
-            row[f"{metric}_std"] = float(values.std(ddof=1)) if len(values) > 1 else math.nan
+            row[f"{metric}_mean"], row[f"{metric}_std"] = _mean_std(test_values(group, metric))
+            row[f"val_{metric}_mean"], row[f"val_{metric}_std"] = _mean_std(
+                val_values(group, metric)
+            )
         rows.append(row)
     return rows
 

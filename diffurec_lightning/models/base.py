@@ -50,10 +50,18 @@ class RecommenderModule(L.LightningModule):
         require(predict_k >= 1, f"model.predict_k must be >= 1, got {predict_k}")
         self.val_metrics = TopKMetrics(ks=ks, prefix="val/")
         self.test_metrics = TopKMetrics(ks=ks, prefix="test/")
+        names = [f"val/{m}@{k}" for m in ("hr", "ndcg") for k in self.val_metrics.ks]
+        require(
+            monitor in names,
+            f"monitor={monitor!r} is not a validation metric; use one of {', '.join(names)}",
+        )
         # Per-user test results, gathered across ranks, for case studies and significance tests.
         self.test_users = CatMetric()
         self.test_ranks = CatMetric()
         self.best: dict[str, float] = {}
+        # The latest validation (metrics, epoch, step): saved with every checkpoint, so after a
+        # checkpoint is loaded it holds the validation of exactly those weights.
+        self.validation: dict[str, float] = {}
 
     # -- to provide ----------------------------------------------------------------------
     def eval_scores(self, batch: Batch) -> torch.Tensor:
@@ -91,6 +99,8 @@ class RecommenderModule(L.LightningModule):
         # compute() reduces sum/count states across ranks once: exact under DDP.
         values = {key: float(value) for key, value in self.val_metrics.compute().items()}
         self.val_metrics.reset()
+        if not self.trainer.sanity_checking:
+            self.validation = {**values, "epoch": self.current_epoch, "step": self.global_step}
         for key, value in values.items():
             self.best[key] = max(self.best.get(key, float("-inf")), value)
             self.log(key, value, prog_bar=key == self.hparams.monitor)
@@ -126,9 +136,11 @@ class RecommenderModule(L.LightningModule):
         checkpoint["best_metrics"] = dict(self.best)
         # Plain data only (no OmegaConf lists in hparams): loadable with weights_only=True.
         checkpoint.update(plain(checkpoint))
+        checkpoint["validation"] = dict(self.validation)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.best = dict(checkpoint.get("best_metrics", {}))
+        self.validation = dict(checkpoint.get("validation", {}))
 
 
 class DiffusionRecommender(RecommenderModule):

@@ -1,0 +1,159 @@
+"""One command per table: every model's recipe over N seeds into one folder, then the report.
+
+``make reproduce DATA=toys MODELS="pop markov diffurec diffurecsys" SEEDS=3`` runs
+
+    python -m diffurec_lightning.analysis.reproduce --data toys \
+        --models pop markov diffurec diffurecsys --seeds 3 --baseline markov [overrides...]
+
+Each (model, seed) is its own training run, one after the other, in
+``<out-dir>/<model>/seed<k>/`` (results.json, checkpoints, case studies). A model's recipe is
+``experiment=<model>_<data>`` when conf/experiment has one (the published settings), otherwise
+``data=<data> model=<model>``. Trailing Hydra overrides apply to every run; a ``model.<key>``
+override is skipped (and said so) for a model that has no such setting, so that e.g.
+``model.hidden_size=16`` shrinks the neural models and leaves pop and markov alone. Then
+``report.md`` in the same folder: validation and test of the same checkpoints (mean +- std over
+seeds), the published numbers beside them, and paired t-tests against ``--baseline``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hydra.errors import HydraException
+from omegaconf import DictConfig
+
+from diffurec_lightning.config import CONF_DIR, compose_config
+from diffurec_lightning.errors import ConfigError, DiffuRecError
+
+
+def recipe(data: str, model: str) -> list[str]:
+    """The overrides that select a model's settings for a dataset."""
+    experiment = f"{model}_{data}"
+    chosen = [f"data={data}", f"model={model}"]
+    if (CONF_DIR / "experiment" / f"{experiment}.yaml").is_file():
+        chosen.append(f"experiment={experiment}")
+    return chosen
+
+
+def applicable(cfg: DictConfig, overrides: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(kept, skipped): ``model.<key>=...`` overrides of keys this model lacks are skipped."""
+    kept, skipped = [], []
+    for override in overrides:
+        key = override.split("=", 1)[0]
+        if key.startswith("model.") and key.split(".")[1] not in cfg.model:
+            skipped.append(override)
+        else:
+            kept.append(override)
+    return kept, skipped
+
+
+def run_config(
+    data: str, model: str, seed: int, folder: Path, overrides: Sequence[str]
+) -> tuple[DictConfig, list[str]]:
+    """The composed config of one run, and the overrides that did not apply to this model."""
+    base = recipe(data, model)
+    if any(o.startswith("experiment=") for o in overrides):
+        base = base[:2]  # the caller's experiment replaces the recipe's
+    probe = compose_config(base)
+    kept, skipped = applicable(probe, overrides)
+    cfg = compose_config([*base, f"seed={seed}", f"paths.output_dir={folder}", *kept])
+    return cfg, skipped
+
+
+def reproduce(
+    data: str,
+    models: Sequence[str],
+    seeds: int,
+    out_dir: Path,
+    overrides: Sequence[str] = (),
+    baseline: str = "markov",
+    wandb: bool = True,
+    command: str = "python -m diffurec_lightning.analysis.reproduce",
+) -> dict[str, Any]:
+    """Run every (model, seed) one at a time, then write ``out_dir/report.md``."""
+    from diffurec_lightning.analysis.report import build_report
+    from diffurec_lightning.train import train
+
+    if seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1, got {seeds}")
+    if not models:
+        raise ConfigError("--models: name at least one model (e.g. pop markov diffurecsys)")
+    missing = [m for m in models if not (CONF_DIR / "model" / f"{m}.yaml").is_file()]
+    if missing:
+        raise ConfigError(f"--models: no conf/model/{missing[0]}.yaml")
+    for model in models:
+        for seed in range(seeds):
+            folder = out_dir / model / f"seed{seed}"
+            cfg, skipped = run_config(data, model, seed, folder, overrides)
+            if skipped:
+                print(f"{model}: not its settings, skipped: {' '.join(skipped)}")
+            print(f"== {model} on {data}, seed {seed} -> {folder}", flush=True)
+            try:
+                train(cfg)
+            finally:
+                _finish_wandb()
+    return build_report(
+        [out_dir],
+        baseline,
+        out_dir / "report.md",
+        out_dir / "figures",
+        out_dir / "wandb" if wandb else None,
+        title=f"Reproduction on {data}",
+        command=command,
+    )
+
+
+def _finish_wandb() -> None:
+    import wandb
+
+    if wandb.run is not None:
+        wandb.finish()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default="toys", help="dataset config name")
+    parser.add_argument("--models", nargs="+", default=["pop", "markov", "diffurec", "diffurecsys"])
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per model")
+    parser.add_argument("--baseline", default="markov", help="model the t-tests compare against")
+    parser.add_argument("--out-dir", default=None, help="default outputs/reproduce/<data>/<time>")
+    parser.add_argument("--no-wandb", action="store_true", help="skip the report's W&B run")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
+    args = parser.parse_args(argv)
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    home = Path(os.environ.get("DIFFUREC_HOME", "."))  # as conf/paths: outputs/ under it
+    out_dir = (
+        Path(args.out_dir) if args.out_dir else home / "outputs" / "reproduce" / args.data / stamp
+    )
+    command = "python -m diffurec_lightning.analysis.reproduce " + shlex.join(
+        argv if argv is not None else sys.argv[1:]
+    )
+    try:
+        reproduce(
+            args.data,
+            args.models,
+            args.seeds,
+            out_dir,
+            args.overrides,
+            args.baseline,
+            wandb=not args.no_wandb,
+            command=command.strip(),
+        )
+    except (DiffuRecError, HydraException) as exc:
+        # One line: a wrong override or dataset name is a usage error, not a crash.
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    print(f"wrote {out_dir / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
