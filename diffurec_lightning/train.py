@@ -21,7 +21,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from diffurec_lightning.errors import DiffuRecError
+from diffurec_lightning.errors import ConfigError, DiffuRecError
 from diffurec_lightning.launch.requeue import cluster_plugins, hpc_checkpoints
 
 
@@ -50,6 +50,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
         with open_dict(cfg):
             cfg.model.num_items = datamodule.num_items
         model = instantiate(cfg.model)
+        check_train_samples(datamodule, model)
         callbacks = instantiate_group(cfg.get("callbacks"))
         # Passed only when there are some: plugins=None would drop trainer.plugins of the config.
         plugins = cluster_plugins(callbacks)
@@ -64,6 +65,18 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
         raise (_user_error(exc) or exc) from None
     warn_if_bf16_is_emulated(trainer)
     return datamodule, model, trainer
+
+
+def check_train_samples(datamodule: L.LightningDataModule, model: L.LightningModule) -> None:
+    """The data must yield the training samples the model's objective needs (ConfigError)."""
+    needed = getattr(model, "train_samples", "prefixes")
+    given = getattr(datamodule, "train_samples", "prefixes")
+    if needed != given:
+        raise ConfigError(
+            f"model {model.hparams.get('name', type(model).__name__)} trains on "
+            f"data.train_samples={needed}, but the data yields {given}: "
+            f"set data.train_samples={needed}"
+        )
 
 
 def cpu_has_native_bf16() -> bool:
@@ -179,6 +192,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     results = {
         "config": OmegaConf.to_container(cfg, resolve=True),
         "dataset": cfg.data.name,
+        "protocol": cfg.data.get("protocol", "standard"),
         "model": cfg.model.name,
         "seed": cfg.seed,
         "val": {k: v for k, v in val_metrics.items() if not k.endswith("_best")},
@@ -203,7 +217,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     try:
-        results = train(cfg)
+        if cfg.data.get("protocol", "standard") == "refit":
+            from diffurec_lightning.refit import refit  # it runs train() itself
+
+            results = refit(cfg)
+        else:
+            results = train(cfg)
     except DiffuRecError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
