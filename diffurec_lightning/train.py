@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffurec_lightning.analysis.test_curve import TestEveryValidation
 from diffurec_lightning.checkpoints import check_checkpoint
-from diffurec_lightning.errors import DiffuRecError
+from diffurec_lightning.errors import ConfigError, DiffuRecError
 from diffurec_lightning.launch.requeue import cluster_plugins, hpc_checkpoints
 from diffurec_lightning.precision import (
     AUTO,
@@ -61,6 +61,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
         with open_dict(cfg):
             cfg.trainer.update(getattr(model, "trainer_overrides", {}))
         resolve_trainer_precision(cfg)
+        check_train_samples(datamodule, model)
         callbacks = instantiate_group(cfg.get("callbacks"))
         # Passed only when there are some: plugins=None would drop trainer.plugins of the config.
         plugins = cluster_plugins(callbacks)
@@ -75,6 +76,18 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
         raise (_user_error(exc) or exc) from None
     warn_if_bf16_is_emulated(trainer)
     return datamodule, model, trainer
+
+
+def check_train_samples(datamodule: L.LightningDataModule, model: L.LightningModule) -> None:
+    """The data must yield the training samples the model's objective needs (ConfigError)."""
+    needed = getattr(model, "train_samples", "prefixes")
+    given = getattr(datamodule, "train_samples", "prefixes")
+    if needed != given:
+        raise ConfigError(
+            f"model {model.hparams.get('name', type(model).__name__)} trains on "
+            f"data.train_samples={needed}, but the data yields {given}: "
+            f"set data.train_samples={needed}"
+        )
 
 
 def warn_if_bf16_is_emulated(trainer: L.Trainer) -> None:
@@ -183,7 +196,7 @@ def tested_validation(model: L.LightningModule, best_path: str, tested: bool) ->
     if best_path and not tested:
         import torch
 
-        checkpoint = torch.load(best_path, map_location="cpu", weights_only=False)
+        checkpoint = torch.load(best_path, map_location="cpu", weights_only=True)
         return checkpoint.get("validation", {})
     return getattr(model, "validation", {})
 
@@ -229,6 +242,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     results = {
         "config": OmegaConf.to_container(cfg, resolve=True),
         "dataset": cfg.data.name,
+        "protocol": cfg.data.get("protocol", "standard"),
         "model": cfg.model.name,
         "seed": cfg.seed,
         # The last validation; then the validation of the checkpoint that is (or would be)
@@ -263,7 +277,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     try:
-        results = train(cfg)
+        if cfg.data.get("protocol", "standard") == "refit":
+            from diffurec_lightning.refit import refit  # it runs train() itself
+
+            results = refit(cfg)
+        else:
+            results = train(cfg)
     except DiffuRecError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -19,7 +19,12 @@ from diffurec_lightning.data.benchmarks import (
     prepare_benchmark,
 )
 from diffurec_lightning.data.datamodule import SequenceDataModule
-from diffurec_lightning.data.datasets import eval_samples, train_prefixes
+from diffurec_lightning.data.datasets import (
+    eval_samples,
+    train_prefixes,
+    train_samples,
+    train_sequences,
+)
 from diffurec_lightning.data.prepare import prepare_dataset
 from diffurec_lightning.data.safe_pickle import safe_load
 from diffurec_lightning.data.store import load_id_maps, load_store, write_cache
@@ -247,6 +252,82 @@ def test_prefixes_and_eval_samples_exact(tmp_path: Path) -> None:
     assert test["seq"].tolist() == [[0, 6, 7], [1, 2, 3, 4]] or test["seq"].shape[1] == 4
     assert test["seq"].tolist() == [[0, 0, 6, 7], [1, 2, 3, 4]]
     assert test["target"].tolist() == [8, 5]
+
+
+def test_sequence_samples_exact(tmp_path: Path) -> None:
+    # user 0: train 1 2 3 4 | val 5 | test 6 ; user 1: train 6 (no pair) ; user 2: train 1 2
+    store = load_store(tiny_cache(tmp_path, [[1, 2, 3, 4, 5, 6], [6, 7, 8], [1, 2, 3, 4]], 8))
+    train = train_sequences(store, max_len=5)
+    assert len(train) == 2 and train.users.tolist() == [0, 2]
+    batch = train.__getitems__([0, 1])
+    assert batch["seq"].tolist() == [[1, 2, 3], [0, 0, 1]]  # left-padded to the batch
+    assert batch["target"].tolist() == [[2, 3, 4], [0, 0, 2]]  # next item, 0 under padding
+    assert batch["user"].tolist() == [0, 2]
+    short = train_sequences(store, max_len=2).__getitems__([0])
+    assert short["seq"].tolist() == [[2, 3]] and short["target"].tolist() == [[3, 4]]
+    # refit: the validation item becomes the last target; user 1 gains its first pair
+    refit = train_sequences(store, max_len=5, extra_items=1)
+    batch = refit.__getitems__(list(range(len(refit))))
+    assert batch["seq"].tolist() == [[1, 2, 3, 4], [0, 0, 0, 6], [0, 0, 1, 2]]
+    assert batch["target"].tolist() == [[2, 3, 4, 5], [0, 0, 0, 7], [0, 0, 2, 3]]
+    prefixes = train_prefixes(store, max_len=5, extra_items=1)
+    pairs = prefixes.__getitems__(list(range(len(prefixes))))
+    assert len(prefixes) == 4 + 1 + 2 and 5 in pairs["target"].tolist()
+    with pytest.raises(ConfigError, match="prefixes, sequences"):
+        train_samples(store, "windows", max_len=5)
+
+
+def test_sequences_hold_the_prefix_pairs_on_toys(data_dir: Path, mirror: Path) -> None:
+    """Without truncation every (history, next item) pair of the prefixes is one position."""
+    store = load_store(prepare_benchmark("toys", data_dir, mirror))
+    longest = int(store.lengths.max())
+    sequences = train_sequences(store, max_len=longest)
+    batch = sequences.__getitems__(list(range(len(sequences))))
+    assert int((batch["target"] > 0).sum()) == store.num_train_prefixes
+    assert bool(((batch["target"] > 0) == (batch["seq"] > 0)).all())
+    truncated = train_sequences(store, max_len=50)
+    assert (truncated.lengths <= 50).all() and len(truncated) == len(sequences)
+
+
+def test_datamodule_train_samples_and_protocol_options(
+    tmp_path: Path, data_dir: Path, mirror: Path
+) -> None:
+    dm = SequenceDataModule(
+        name="toys", data_dir=str(data_dir), mirror=str(mirror), train_samples="sequences"
+    )
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["target"].shape == batch["seq"].shape  # a target per position
+    assert len(dm.dataset("train")) == int((load_store(dm.cache_dir).lengths >= 4).sum())
+    for key, value in (("train_samples", "windows"), ("protocol", "leave-one-out")):
+        with pytest.raises(ConfigError, match=f"data.{key} must be one of"):
+            SequenceDataModule(name="toys", data_dir=str(tmp_path), **{key: value})
+
+
+def test_refit_training_set_and_unchanged_test_inputs(data_dir: Path, mirror: Path) -> None:
+    options = {"name": "toys", "data_dir": str(data_dir), "mirror": str(mirror)}
+    standard = SequenceDataModule(**options)
+    refit = SequenceDataModule(**options, protocol="refit")
+    standard.setup()
+    refit.setup()
+    users_with_val = int((standard.store.lengths >= 3).sum())  # every user has a validation item
+    assert users_with_val == EXPECTED["toys"][0]
+    assert len(refit.dataset("train")) == len(standard.dataset("train")) + users_with_val
+
+    # The added samples are exactly the (training sequence -> validation item) pairs.
+    def pairs(dataset) -> set[tuple[int, int]]:
+        return set(zip(dataset.ends.tolist(), dataset.users.tolist(), strict=True))
+
+    added = pairs(refit.dataset("train")) - pairs(standard.dataset("train"))
+    assert added == pairs(standard.dataset("val"))
+    every = list(range(len(standard.dataset("test"))))
+    for key in ("seq", "target", "user"):
+        assert torch.equal(
+            standard.dataset("test").__getitems__(every)[key],
+            refit.dataset("test").__getitems__(every)[key],
+        )
+    with pytest.raises(ConfigError, match="no validation"):
+        refit.val_dataloader()
 
 
 def test_max_len_must_be_positive(tmp_path: Path) -> None:

@@ -110,6 +110,83 @@ def test_training_loss_combines_the_terms_with_lambda() -> None:
     assert model.items.table.weight.grad is not None
 
 
+@pytest.mark.parametrize("prior_positions", ["real", "all"])
+@pytest.mark.parametrize("stop_target_gradient", [True, False])
+def test_one_batch_loss_terms_match_the_formulas(
+    prior_positions: str, stop_target_gradient: bool
+) -> None:
+    """L_T, L_t and L_z of one training step, recomputed from their definitions: S_t from
+    q(S_t | S0) with the offset noise, the three terms from S0_hat, and the gradient that
+    reaches the item table through (or not through) the L_t target."""
+    model = tiny_model(
+        dropout=0.0,
+        emb_dropout=0.0,
+        prior_positions=prior_positions,
+        stop_target_gradient=stop_target_gradient,
+    ).train()
+    batch = batch_of([[0, 2, 3], [4, 5, 6]])
+    batch["target"] = torch.tensor([7, 8])
+    captured: dict = {}
+    model.network.register_forward_hook(
+        lambda module, args, output: captured.update(x_t=args[0], t=args[1], pred=output)
+    )
+    logged: dict[str, float] = {}
+    model.log = lambda key, value, **kw: logged.__setitem__(key, float(value))
+    model.log_dict = lambda values, **kw: logged.update({k: float(v) for k, v in values.items()})
+    torch.manual_seed(5)
+    loss = model.training_step(batch, 0)
+
+    # S0 = [i_1..i_n, target], K = [i_1..i_n, pad] over the window W = L + 1 = 4.
+    start = torch.tensor([[0, 2, 3, 7], [4, 5, 6, 8]])
+    prior_ids = torch.tensor([[0, 2, 3, 0], [4, 5, 6, 0]])
+    real = torch.tensor([[False, True, True, True], [True, True, True, True]])
+    x0 = model.items(start)  # with its graph: the L_t target may be trainable
+    torch.manual_seed(5)
+    noise = torch.randn(2, 4, 16)
+    t = torch.randint(20, (2,))
+    assert torch.equal(captured["t"], t)
+    abar = torch.cumprod(1 - model.diffusion.betas, 0)[t][:, None, None]
+    offset = model.hparams.delta * model.items(prior_ids)  # the history prior K, scaled
+    expected_x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * (noise + offset)
+    torch.testing.assert_close(captured["x_t"], expected_x_t)
+
+    pred = captured["pred"]  # S0_hat (B, W, d)
+    squares = pred.pow(2).mean(-1)  # (B, W)
+    positions = real if prior_positions == "real" else torch.ones_like(real)
+    prior = squares[positions].sum() / positions.sum()
+    target_slot = x0[:, -1].detach() if stop_target_gradient else x0[:, -1]
+    mse = (pred[:, -1] - target_slot).pow(2).mean()
+    logits = pred[:, -1] @ model.items.table.weight[1:].t()
+    ce = -(torch.log_softmax(logits, -1)[torch.arange(2), batch["target"] - 1]).mean()
+    assert logged["train/loss_prior"] == pytest.approx(prior.item(), rel=1e-5)
+    assert logged["train/loss_mse"] == pytest.approx(mse.item(), rel=1e-5)
+    assert logged["train/loss_ce"] == pytest.approx(ce.item(), rel=1e-5)
+    lam = annealed_lambda(0)
+    by_hand = prior + (1 - lam) * mse + lam * ce
+    assert loss.item() == pytest.approx(by_hand.item(), rel=1e-5)
+    table = model.items.table.weight
+    (grad,) = torch.autograd.grad(loss, table, retain_graph=True)
+    (expected_grad,) = torch.autograd.grad(by_hand, table, retain_graph=True)
+    torch.testing.assert_close(grad, expected_grad)
+    # The L_t target's own gradient: zero when detached, not when trainable.
+    (through_target,) = torch.autograd.grad(mse, x0, retain_graph=True, allow_unused=True)
+    assert (through_target is None) is stop_target_gradient
+
+
+def test_authors_initialisation_of_the_item_and_position_tables() -> None:
+    default = tiny_model()
+    authors = tiny_model(item_init="reference", position_init="reference")
+    for table in ("table", "positions"):
+        assert getattr(default.items, table).weight.std().item() == pytest.approx(0.02, rel=0.2)
+        assert getattr(authors.items, table).weight.std().item() == pytest.approx(1.0, rel=0.2)
+    cfg = compose_config(["model=dcrec", "model.position_init=reference", "paths.output_dir=x"])
+    assert cfg.model.position_init == "reference"
+    with pytest.raises(ConfigError, match="position_init"):
+        tiny_model(position_init="xavier")
+    with pytest.raises(ConfigError, match="prior_positions"):
+        tiny_model(prior_positions="some")
+
+
 # -- network -------------------------------------------------------------------------------
 def test_condln_with_zero_modulation_is_layernorm_at_init() -> None:
     torch.manual_seed(0)

@@ -165,3 +165,90 @@ def test_fast_dev_run_on_real_toys(model: str, run_env: Path) -> None:
     results = run(run_env / "run", model, "data=toys", "debug=fast")
     assert set(results["test"]) >= {f"test/{m}@{k}" for m in ("hr", "ndcg") for k in (5, 10, 20)}
     assert results["dataset"] == "toys" and results["model"] == model
+
+
+# -- the per-position objective ----------------------------------------------------------------
+def test_every_position_is_causal_and_the_last_one_is_the_representation() -> None:
+    for model in MODELS:
+        module = tiny_model(model)
+        seq = torch.tensor([[0, 0, 3, 4, 5], [1, 2, 3, 4, 6]])
+        with torch.no_grad():
+            states = module.network(module.items(seq), seq > 0, all_positions=True)
+            assert states.shape == (2, 5, 16)
+            torch.testing.assert_close(states[:, -1], module.represent(seq))
+            other = seq.clone()
+            other[:, -1] = 9  # the most recent item never reaches earlier positions
+            changed = module.network(module.items(other), other > 0, all_positions=True)
+        torch.testing.assert_close(changed[:, 2:4], states[:, 2:4])
+        assert not torch.allclose(changed[:, -1], states[:, -1])
+
+
+def test_gru4rec_position_j_is_the_representation_of_the_prefix_up_to_j() -> None:
+    module = tiny_model("gru4rec")
+    seq = torch.tensor([[0, 0, 3, 4, 5], [1, 2, 3, 4, 6]])
+    with torch.no_grad():
+        states = module.network(module.items(seq), seq > 0, all_positions=True)
+        for j in range(2, 5):
+            torch.testing.assert_close(states[:, j], module.represent(seq[:, : j + 1]))
+
+
+def test_per_position_loss_is_the_mean_over_real_positions() -> None:
+    torch.manual_seed(0)
+    module = SequentialRecModule(
+        num_items=12, network=NETWORKS["sasrec"], hidden_size=16, emb_dropout=0.0, max_len=8,
+        objective="per_position",
+    )  # fmt: skip
+    assert module.train_samples == "sequences"
+    seq = torch.tensor([[0, 0, 3, 4], [1, 2, 3, 4]])
+    target = torch.tensor([[0, 0, 4, 7], [2, 3, 4, 9]])
+    batch = {"seq": seq, "target": target, "user": torch.arange(2)}
+    logged: dict[str, float] = {}
+    module.log = lambda key, value, **kw: logged.__setitem__(key, (float(value), kw))
+    loss = module.training_step(batch, 0)
+    with torch.no_grad():
+        states = module.network(module.items(seq), seq > 0, all_positions=True)
+        logits = states @ module.items.table.weight[1:].t()  # (B, L, N)
+        terms = [
+            -torch.log_softmax(logits[b, j], -1)[target[b, j] - 1]
+            for b in range(2)
+            for j in range(4)
+            if target[b, j] > 0
+        ]
+    assert len(terms) == 6
+    assert loss.item() == pytest.approx(torch.stack(terms).mean().item(), rel=1e-5)
+    assert logged["train/loss"][1]["batch_size"] == 6
+    with pytest.raises(ConfigError, match="data.train_samples=sequences"):
+        module.training_step({**batch, "target": target[:, -1]}, 0)
+    with pytest.raises(ConfigError, match="model.objective must be one of"):
+        SequentialRecModule(num_items=5, network=NETWORKS["sasrec"], objective="cloze")
+
+
+def test_objective_and_data_must_agree(run_env: Path) -> None:
+    with pytest.raises(ConfigError, match="set data.train_samples=sequences"):
+        run(run_env / "run", "sasrec", "data=synthetic", "model.objective=per_position")
+    with pytest.raises(ConfigError, match="set data.train_samples=prefixes"):
+        run(run_env / "run", "diffurec", "data=synthetic", "data.train_samples=sequences")
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_per_position_preset_composes_and_learns_the_synthetic_rule(
+    model: str, run_env: Path
+) -> None:
+    preset = compose_config([f"experiment={model}_toys", "paths.output_dir=unused"])
+    assert preset.model.objective == "per_position" and preset.data.train_samples == "sequences"
+    assert preset.data.batch_size == 128 and preset.trainer.check_val_every_n_epoch == 1
+    if model == "sasrec":
+        assert list(preset.model.betas) == [0.9, 0.98] and preset.model.network.num_blocks == 2
+    results = run(
+        run_env / "run",
+        model,
+        "data=synthetic",
+        "data.train_samples=sequences",
+        "model.objective=per_position",
+        "trainer.max_epochs=3",
+        "trainer.check_val_every_n_epoch=3",
+        "model.emb_dropout=0.1",
+        "model.network.dropout=0.1",
+        "model.lr=0.01",
+    )
+    assert results["test"]["test/hr@10"] > 0.9

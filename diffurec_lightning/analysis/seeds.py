@@ -53,6 +53,9 @@ def load_runs(roots: Sequence[str | Path]) -> tuple[list[Run], list[str]]:
                 )
                 continue
             run["mtime"] = path.stat().st_mtime
+            if run.get("protocol", "standard") != "standard":
+                # Never pooled or paired with standard-protocol runs of the model.
+                run["model"] = f"{run['model']} ({run['protocol']})"
             key = (run["dataset"], run["model"], int(run["seed"]))
             if key in found:
                 older, newer = sorted((found[key], run), key=lambda r: r["mtime"])

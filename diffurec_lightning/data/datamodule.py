@@ -10,10 +10,19 @@ import numpy as np
 from torch.utils.data import DataLoader
 
 from diffurec_lightning.data.batching import EvalBatchSampler, TrainBatchSampler, padding_fraction
-from diffurec_lightning.data.datasets import PrefixDataset, eval_samples, train_prefixes
+from diffurec_lightning.data.datasets import (
+    TRAIN_SAMPLES,
+    PrefixDataset,
+    eval_samples,
+    train_samples,
+)
 from diffurec_lightning.data.prepare import prepare_dataset
 from diffurec_lightning.data.store import SequenceStore, load_store, read_meta
 from diffurec_lightning.errors import ConfigError
+
+# standard: train on the training part, select on validation, test. refit: train on training +
+# validation items (a fixed number of epochs chosen beforehand on validation), then test.
+PROTOCOLS = ("standard", "refit")
 
 
 def _passthrough(batch: Any) -> Any:
@@ -22,7 +31,12 @@ def _passthrough(batch: Any) -> Any:
 
 
 class SequenceDataModule(L.LightningDataModule):
-    """Sequences of one dataset (benchmark name or ``custom`` with ``path``)."""
+    """Sequences of one dataset (benchmark name or ``custom`` with ``path``).
+
+    ``train_samples``: ``prefixes`` (one target per sample) or ``sequences`` (a target at every
+    position, for per-position objectives). ``protocol``: ``standard`` or ``refit`` (the
+    validation item joins the training data, and there is no validation split).
+    """
 
     def __init__(
         self,
@@ -36,9 +50,20 @@ class SequenceDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         mirror: str | None = None,
+        train_samples: str = "prefixes",
+        protocol: str = "standard",
         **import_options: Any,
     ) -> None:
         super().__init__()
+        if train_samples not in TRAIN_SAMPLES:
+            raise ConfigError(
+                f"data.train_samples must be one of {', '.join(TRAIN_SAMPLES)}, "
+                f"got {train_samples!r}"
+            )
+        if protocol not in PROTOCOLS:
+            raise ConfigError(
+                f"data.protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}"
+            )
         for key, value in (("max_len", max_len), ("batch_size", batch_size)):
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"data.{key} must be an integer >= 1, got {value!r}")
@@ -54,6 +79,8 @@ class SequenceDataModule(L.LightningDataModule):
         self.bucketing = bucketing
         self.num_workers = num_workers
         self.seed = seed
+        self.train_samples = train_samples
+        self.protocol = protocol
         self.cache_dir: Path | None = None
         self.store: SequenceStore | None = None
         self._datasets: dict[str, PrefixDataset] = {}
@@ -69,7 +96,12 @@ class SequenceDataModule(L.LightningDataModule):
         self.cache_dir = prepare_dataset(self.data_cfg, self.data_dir)
         self.store = load_store(self.cache_dir)
         self._datasets = {
-            "train": train_prefixes(self.store, self.max_len),
+            "train": train_samples(
+                self.store,
+                self.train_samples,
+                self.max_len,
+                extra_items=1 if self.protocol == "refit" else 0,
+            ),
             "val": eval_samples(self.store, "val", self.max_len),
             "test": eval_samples(self.store, "test", self.max_len),
         }
@@ -85,6 +117,12 @@ class SequenceDataModule(L.LightningDataModule):
         return int(read_meta(self.cache_dir)["num_items"])
 
     def dataset(self, split: str) -> PrefixDataset:
+        if split == "val" and self.protocol == "refit":
+            raise ConfigError(
+                "data.protocol=refit trains on the validation items, so it has no validation: "
+                "run it through the refit protocol (python -m diffurec_lightning.train "
+                "data.protocol=refit), which disables validation"
+            )
         if not self._datasets:
             self.setup()
         return self._datasets[split]

@@ -26,7 +26,14 @@ class Approximator(nn.Module):
     """Shared parts: step embedding, output dropout and LayerNorm."""
 
     def __init__(
-        self, *, hidden_size: int, num_blocks: int, num_heads: int, dropout: float, num_steps: int
+        self,
+        *,
+        hidden_size: int,
+        num_blocks: int,
+        num_heads: int,
+        dropout: float,
+        num_steps: int,
+        block_output_dropout: bool = False,
     ) -> None:
         super().__init__()
         self.step_embedding = StepEmbedding(hidden_size, num_steps)
@@ -46,7 +53,14 @@ class DiffuRecApproximator(Approximator):
     """DiffuRec (Eq. 15): z_i = e_i + lambda_i (x_s + d_s), then a Transformer over z."""
 
     def __init__(
-        self, *, hidden_size: int, num_blocks: int, num_heads: int, dropout: float, num_steps: int
+        self,
+        *,
+        hidden_size: int,
+        num_blocks: int,
+        num_heads: int,
+        dropout: float,
+        num_steps: int,
+        block_output_dropout: bool = False,
     ) -> None:
         super().__init__(
             hidden_size=hidden_size,
@@ -56,7 +70,8 @@ class DiffuRecApproximator(Approximator):
             num_steps=num_steps,
         )
         self.blocks = nn.ModuleList(
-            SelfAttentionBlock(hidden_size, num_heads, dropout) for _ in range(num_blocks)
+            SelfAttentionBlock(hidden_size, num_heads, dropout, block_output_dropout)
+            for _ in range(num_blocks)
         )
         xavier_init(self)
 
@@ -81,7 +96,14 @@ class CrossAttentionApproximator(Approximator):
     """DiffuRecSys (Eq. 16): z_i = CrossAttention(e_i, lambda_i (x_s + d_s)) in every block."""
 
     def __init__(
-        self, *, hidden_size: int, num_blocks: int, num_heads: int, dropout: float, num_steps: int
+        self,
+        *,
+        hidden_size: int,
+        num_blocks: int,
+        num_heads: int,
+        dropout: float,
+        num_steps: int,
+        block_output_dropout: bool = False,
     ) -> None:
         super().__init__(
             hidden_size=hidden_size,
@@ -91,7 +113,8 @@ class CrossAttentionApproximator(Approximator):
             num_steps=num_steps,
         )
         self.blocks = nn.ModuleList(
-            CrossAttentionBlock(hidden_size, num_heads, dropout) for _ in range(num_blocks)
+            CrossAttentionBlock(hidden_size, num_heads, dropout, block_output_dropout)
+            for _ in range(num_blocks)
         )
         xavier_init(self)
 

@@ -57,20 +57,25 @@ def annealed_lambda(
     return start * (1.0 - min(epoch, epochs) / epochs) ** power + floor
 
 
+PRIOR_POSITIONS = ("real", "all")
+
+
 def dcrec_loss_terms(
     x_start_pred: torch.Tensor,
     x_start: torch.Tensor,
     seq_mask: torch.Tensor,
     scores: torch.Tensor,
     target: torch.Tensor,
+    prior_positions: str = "real",
 ) -> dict[str, torch.Tensor]:
     """The three terms: prior L_T, reconstruction L_t, rounding L_z.
 
-    L_T = mean of S0_hat^2 over the real positions and dimensions; L_t = MSE between the target
-    slots e0_hat and e0; L_z = cross-entropy of scores (B, N) of items 1..N with the target id.
+    L_T = mean of S0_hat^2 over the real positions (``all``: every position of the window, as
+    the authors' code) and dimensions; L_t = MSE between the target slots e0_hat and e0;
+    L_z = cross-entropy of scores (B, N) of items 1..N with the target id.
     """
     per_position = x_start_pred.float().pow(2).mean(dim=-1)  # (B, W)
-    mask = seq_mask.float()
+    mask = seq_mask.float() if prior_positions == "real" else torch.ones_like(per_position)
     prior = (per_position * mask).sum() / mask.sum()
     mse = F.mse_loss(x_start_pred[:, -1].float(), x_start[:, -1].float())
     ce = F.cross_entropy(scores.float(), target - 1)
@@ -91,6 +96,7 @@ class DCRecModule(DiffusionRecommender):
         dropout: float = 0.1,
         emb_dropout: float = 0.4,
         item_init: str = "small_normal",
+        position_init: str = "small_normal",
         max_len: int = 50,
         num_steps: int = 50,
         schedule: str = "linear",
@@ -98,6 +104,7 @@ class DCRecModule(DiffusionRecommender):
         delta: float = 0.1,
         offset_in_training: bool = True,
         stop_target_gradient: bool = True,
+        prior_positions: str = "real",
         attention_mask: str = "keys",
         sampler: Mapping[str, Any] | None = None,
         lambda_start: float = 0.2,
@@ -108,6 +115,8 @@ class DCRecModule(DiffusionRecommender):
         eval_seed: int = 0,
         lr: float = 0.004,
         weight_decay: float = 0.0,
+        optimizer: str = "adam",
+        betas: Sequence[float] = (0.9, 0.999),
         lr_step_size: int = 100,
         lr_gamma: float = 1.0,
         ks: Sequence[int] = (5, 10, 20),
@@ -120,6 +129,11 @@ class DCRecModule(DiffusionRecommender):
         require(delta >= 0, f"model.delta must be >= 0, got {delta}")
         require(0 <= dropout < 1 and 0 <= emb_dropout < 1, "model dropouts must lie in [0, 1)")
         require(hidden_size % num_heads == 0, "model.hidden_size must be divisible by num_heads")
+        require(
+            prior_positions in PRIOR_POSITIONS,
+            f"model.prior_positions must be one of {', '.join(PRIOR_POSITIONS)}, "
+            f"got {prior_positions!r}",
+        )
         require(ensemble_size >= 1, f"model.ensemble_size must be >= 1, got {ensemble_size}")
         require(lambda_epochs >= 1, f"model.lambda_epochs must be >= 1, got {lambda_epochs}")
         require(
@@ -129,6 +143,8 @@ class DCRecModule(DiffusionRecommender):
         super().__init__(
             lr=lr,
             weight_decay=weight_decay,
+            optimizer=optimizer,
+            betas=betas,
             lr_step_size=lr_step_size,
             lr_gamma=lr_gamma,
             ks=ks,
@@ -147,6 +163,7 @@ class DCRecModule(DiffusionRecommender):
                 init=item_init,
                 position_embedding=True,
                 max_len=max_len,
+                position_init=position_init,
             )
             self.network = DualConditionalTransformer(
                 hidden_size=hidden_size,
@@ -192,7 +209,9 @@ class DCRecModule(DiffusionRecommender):
         # A trainable MSE target lets L_t shrink every embedding to one point (the loss then
         # vanishes while nothing is learned); as a constant target it cannot.
         reference = x_start.detach() if self.hparams.stop_target_gradient else x_start
-        terms = dcrec_loss_terms(x_start_pred, reference, seq_mask, scores, target)
+        terms = dcrec_loss_terms(
+            x_start_pred, reference, seq_mask, scores, target, self.hparams.prior_positions
+        )
         lam = self.lambda_at(self.current_epoch)
         loss = terms["prior"] + (1.0 - lam) * terms["mse"] + lam * terms["ce"]
         size = len(target)

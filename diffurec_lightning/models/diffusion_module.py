@@ -44,6 +44,7 @@ class DiffusionRecModule(DiffusionRecommender):
         num_blocks: int = 4,
         num_heads: int = 4,
         dropout: float = 0.1,
+        block_output_dropout: bool = False,
         emb_dropout: float = 0.3,
         position_embedding: bool = False,
         item_init: str = "small_normal",
@@ -62,6 +63,8 @@ class DiffusionRecModule(DiffusionRecommender):
         eval_seed: int = 0,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
+        optimizer: str = "adam",
+        betas: Sequence[float] = (0.9, 0.999),
         lr_step_size: int = 100,
         lr_gamma: float = 0.1,
         ks: Sequence[int] = (5, 10, 20),
@@ -90,6 +93,8 @@ class DiffusionRecModule(DiffusionRecommender):
         super().__init__(
             lr=lr,
             weight_decay=weight_decay,
+            optimizer=optimizer,
+            betas=betas,
             lr_step_size=lr_step_size,
             lr_gamma=lr_gamma,
             ks=ks,
@@ -113,6 +118,7 @@ class DiffusionRecModule(DiffusionRecommender):
                 num_heads=num_heads,
                 dropout=dropout,
                 num_steps=num_steps,
+                block_output_dropout=block_output_dropout,
             )
             self.diffusion = GaussianDiffusion(
                 num_steps=num_steps, schedule=schedule, variance=variance

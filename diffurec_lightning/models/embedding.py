@@ -28,17 +28,19 @@ class ItemEmbedding(nn.Module):
         init: str = "small_normal",
         position_embedding: bool = False,
         max_len: int = 50,
+        position_init: str = "small_normal",
     ) -> None:
         super().__init__()
-        if init not in ITEM_INITS:
-            raise ValueError(f"unknown item_init '{init}'; choose one of: {', '.join(ITEM_INITS)}")
+        for key, value in (("item_init", init), ("position_init", position_init)):
+            if value not in ITEM_INITS:
+                raise ValueError(f"unknown {key} '{value}'; choose one of: {', '.join(ITEM_INITS)}")
         self.num_items = num_items
         self.table = nn.Embedding(num_items + 1, hidden_size)
         ITEM_INITS[init](self.table.weight)
         # Positions count back from the most recent item, so left padding does not shift them.
         self.positions = nn.Embedding(max_len, hidden_size) if position_embedding else None
         if self.positions is not None:
-            nn.init.normal_(self.positions.weight, std=0.02)
+            ITEM_INITS[position_init](self.positions.weight)
         self.dropout = Dropout(dropout)
         self.norm = nn.LayerNorm(hidden_size)
 

@@ -197,15 +197,22 @@ class FeedForward(nn.Module):
 
 
 class SelfAttentionBlock(nn.Module):
-    """Pre-LayerNorm Transformer block: self-attention then feed-forward, both residual."""
+    """Pre-LayerNorm Transformer block: self-attention then feed-forward, both residual.
 
-    def __init__(self, hidden_size: int, num_heads: int, dropout: float) -> None:
+    ``output_dropout``: dropout on the block's output too, as the DiffuRec code's
+    TransformerBlock does (``return self.dropout(hidden)``), residual path included.
+    """
+
+    def __init__(
+        self, hidden_size: int, num_heads: int, dropout: float, output_dropout: bool = False
+    ) -> None:
         super().__init__()
         self.attn_norm = nn.LayerNorm(hidden_size)
         self.attn = MultiHeadAttention(hidden_size, num_heads, dropout)
         self.ffn_norm = nn.LayerNorm(hidden_size)
         self.ffn = FeedForward(hidden_size, dropout)
         self.dropout = Dropout(dropout)
+        self.output_dropout = Dropout(dropout) if output_dropout else None
 
     def forward(
         self, h: torch.Tensor, attn_mask: torch.Tensor, last_only: bool = False
@@ -214,7 +221,8 @@ class SelfAttentionBlock(nn.Module):
         normed = self.attn_norm(h)
         query, h = (normed[:, -1:], h[:, -1:]) if last_only else (normed, h)
         h = h + self.dropout(self.attn(query, normed, attn_mask))
-        return h + self.dropout(self.ffn(self.ffn_norm(h)))
+        h = h + self.dropout(self.ffn(self.ffn_norm(h)))
+        return self.output_dropout(h) if self.output_dropout is not None else h
 
 
 class CrossAttentionBlock(nn.Module):
@@ -226,11 +234,13 @@ class CrossAttentionBlock(nn.Module):
     every history position.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, dropout: float) -> None:
+    def __init__(
+        self, hidden_size: int, num_heads: int, dropout: float, output_dropout: bool = False
+    ) -> None:
         super().__init__()
         self.cross_norm = nn.LayerNorm(hidden_size)
         self.cross = MultiHeadAttention(hidden_size, num_heads, dropout)
-        self.block = SelfAttentionBlock(hidden_size, num_heads, dropout)
+        self.block = SelfAttentionBlock(hidden_size, num_heads, dropout, output_dropout)
         self.dropout = Dropout(dropout)
 
     def forward(

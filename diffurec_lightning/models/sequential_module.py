@@ -1,11 +1,16 @@
 """Classic sequential recommenders (SASRec, GRU4Rec) as one LightningModule.
 
-Objective: cross-entropy over all items of the representation at the most recent position, on
-the all-prefix samples the DataModule yields for every model. For SASRec this is the same set
-of (history, next item) pairs as its per-position causal objective, but every pair is seen with
-the history it has at evaluation time (most recent item last, recency positions), and the data
-path, sampling and loss are identical to the diffusion models', so a comparison measures the
-networks alone.
+Two objectives (``objective``), both cross-entropy over all items:
+
+- ``per_position`` (the papers'): each training sample is a user's whole training sequence and
+  every position predicts its next item (causal encoders, so position j sees items up to j);
+  the loss averages over the real positions of the batch. Needs ``data.train_samples=sequences``.
+- ``last_position``: the representation at the most recent position, on the all-prefix
+  samples the DataModule yields for every model (``data.train_samples=prefixes``). The same
+  (history, next item) pairs, each seen with the history it has at evaluation time, and the same
+  data path, sampling and loss as the diffusion models'; kept to compare the two.
+
+Evaluation is the shared path of RecommenderModule either way.
 """
 
 from __future__ import annotations
@@ -18,8 +23,11 @@ import torch.nn.functional as F
 
 from diffurec_lightning.errors import ConfigError
 from diffurec_lightning.models.base import Batch, RecommenderModule, require
-from diffurec_lightning.models.embedding import ItemEmbedding
+from diffurec_lightning.models.embedding import ItemEmbedding, cross_entropy
 from diffurec_lightning.models.sequential import make_network
+
+# The training samples each objective needs (data.train_samples).
+OBJECTIVES = {"last_position": "prefixes", "per_position": "sequences"}
 
 
 class SequentialRecModule(RecommenderModule):
@@ -31,6 +39,7 @@ class SequentialRecModule(RecommenderModule):
         num_items: int,
         network: Mapping[str, Any],
         name: str = "sasrec",
+        objective: str = "last_position",
         hidden_size: int = 64,
         emb_dropout: float = 0.5,
         position_embedding: bool = True,
@@ -38,6 +47,8 @@ class SequentialRecModule(RecommenderModule):
         max_len: int = 50,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
+        optimizer: str = "adam",
+        betas: Sequence[float] = (0.9, 0.999),
         lr_step_size: int = 100,
         lr_gamma: float = 1.0,
         ks: Sequence[int] = (5, 10, 20),
@@ -47,11 +58,17 @@ class SequentialRecModule(RecommenderModule):
         require(num_items >= 1, f"num_items must be >= 1, got {num_items}")
         require(hidden_size >= 1, f"model.hidden_size must be >= 1, got {hidden_size}")
         require(0 <= emb_dropout < 1, f"model.emb_dropout must lie in [0, 1), got {emb_dropout}")
+        require(
+            objective in OBJECTIVES,
+            f"model.objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}",
+        )
         network = dict(network)
         require("name" in network, "model.network needs a name: sasrec | gru4rec")
         super().__init__(
             lr=lr,
             weight_decay=weight_decay,
+            optimizer=optimizer,
+            betas=betas,
             lr_step_size=lr_step_size,
             lr_gamma=lr_gamma,
             ks=ks,
@@ -74,14 +91,33 @@ class SequentialRecModule(RecommenderModule):
         except ValueError as exc:
             raise ConfigError(f"model: {exc}") from None
 
+    @property
+    def train_samples(self) -> str:
+        """The ``data.train_samples`` this model's objective trains on."""
+        return OBJECTIVES[self.hparams.objective]
+
     def represent(self, seq: torch.Tensor) -> torch.Tensor:
         """(B, L) left-padded ids -> (B, d) representation of the next item."""
         return self.network(self.items(seq), seq > 0)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        scores = self.items.scores(self.represent(batch["seq"]))  # (B, N)
-        loss = F.cross_entropy(scores.float(), batch["target"] - 1)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["target"]))
+        seq, target = batch["seq"], batch["target"]
+        if (target.dim() == 2) != (self.hparams.objective == "per_position"):
+            raise ConfigError(
+                f"model.objective={self.hparams.objective} trains on "
+                f"data.train_samples={self.train_samples}; set it so"
+            )
+        if self.hparams.objective == "last_position":
+            scores = self.items.scores(self.represent(seq))  # (B, N)
+            loss = F.cross_entropy(scores.float(), target - 1)
+            size = len(target)
+        else:
+            states = self.network(self.items(seq), seq > 0, all_positions=True)  # (B, L, d)
+            real = target > 0  # (B, L): positions with a next item (not padding)
+            scores = self.items.scores(states[real])  # (P, N), P real positions
+            loss = cross_entropy(scores.float(), target[real] - 1).mean()
+            size = int(real.sum())
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
         return loss
 
     def eval_scores(self, batch: Batch) -> torch.Tensor:

@@ -1,0 +1,128 @@
+"""Model options as config flags: each does what its config comment says.
+
+Blocks, hidden size, per-block output dropout (DiffuRec code), optimiser (Adam with L2 weight
+decay or AdamW with decoupled decay, betas) and the offset-noise constant.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from diffurec_lightning.config import compose_config
+from diffurec_lightning.errors import ConfigError
+from diffurec_lightning.models.diffusion_module import DiffusionRecModule
+from diffurec_lightning.models.layers import SelfAttentionBlock
+from diffurec_lightning.models.sequential_module import SequentialRecModule
+
+torch.set_num_threads(1)
+
+TINY = {"num_items": 12, "hidden_size": 16, "num_heads": 2, "num_steps": 8, "max_len": 8}
+
+
+def model_from_config(model: str, *overrides: str) -> torch.nn.Module:
+    cfg = compose_config([f"model={model}", "paths.output_dir=unused", *overrides])
+    torch.manual_seed(0)
+    return instantiate(cfg.model, num_items=12)
+
+
+def test_block_output_dropout_drops_the_block_output_in_training_only() -> None:
+    torch.manual_seed(0)
+    plain = SelfAttentionBlock(16, 2, dropout=0.5)
+    dropped = SelfAttentionBlock(16, 2, dropout=0.5, output_dropout=True)
+    dropped.load_state_dict(plain.state_dict())  # the flag adds no parameters
+    x, mask = torch.randn(4, 6, 16), torch.ones(4, 1, 1, 6, dtype=torch.bool)
+    zeros = (dropped.train()(x, mask) == 0).float().mean().item()
+    assert zeros == pytest.approx(0.5, abs=0.1)
+    assert (plain.train()(x, mask) == 0).float().mean().item() == 0.0
+    torch.testing.assert_close(dropped.eval()(x, mask), plain.eval()(x, mask))
+
+
+@pytest.mark.parametrize(
+    ("model", "flag", "blocks"),
+    [
+        ("diffurec", "model.block_output_dropout", lambda m: m.approximator.blocks),
+        ("diffurecsys", "model.block_output_dropout", lambda m: m.approximator.blocks),
+        ("sasrec", "model.network.block_output_dropout", lambda m: m.network.blocks),
+    ],
+)
+def test_block_output_dropout_flag_reaches_every_block(model: str, flag: str, blocks) -> None:
+    def outputs(module: torch.nn.Module) -> list:
+        return [getattr(block, "block", block).output_dropout for block in blocks(module)]
+
+    assert all(dropout is None for dropout in outputs(model_from_config(model)))
+    assert all(dropout is not None for dropout in outputs(model_from_config(model, f"{flag}=true")))
+
+
+def test_num_blocks_and_hidden_size() -> None:
+    torch.manual_seed(0)
+    module = DiffusionRecModule(**TINY, num_blocks=3, dropout=0.0, emb_dropout=0.0).eval()
+    assert len(module.approximator.blocks) == 3
+    assert module.items.table.weight.shape == (13, 16)
+    seq = torch.tensor([[0, 2, 3, 4], [5, 6, 7, 8]])
+    emb, lam = module.items(seq), torch.full((2, 4, 16), 0.001)
+    x_t, t = torch.randn(2, 16), torch.tensor([1, 5])
+    with torch.no_grad():
+        out = module.approximator(emb, seq > 0, x_t, t, lam)
+        assert out.shape == (2, 16)
+        # Blocks are chained: the first block's weights reach the output through the others.
+        module.approximator.blocks[0].ffn.down.bias += 1.0
+        assert not torch.allclose(module.approximator(emb, seq > 0, x_t, t, lam), out)
+    wide = model_from_config("diffurec", "model.hidden_size=32", "model.num_blocks=2")
+    assert wide.items.table.weight.shape[1] == 32 and len(wide.approximator.blocks) == 2
+
+
+@pytest.mark.parametrize("offset", [0.0, 5.0])
+def test_offset_shifts_the_training_noise_mean(offset: float) -> None:
+    torch.manual_seed(0)
+    module = DiffusionRecModule(**TINY, num_blocks=1, offset=offset).train()
+    noises: list[torch.Tensor] = []
+    q_sample = module.diffusion.q_sample
+    module.diffusion.q_sample = lambda x, t, noise: noises.append(noise) or q_sample(x, t, noise)
+    module.log = lambda *args, **kwargs: None
+    seq = torch.randint(1, 13, (512, 4))
+    module.training_step({"seq": seq, "target": seq[:, -1], "user": torch.arange(512)}, 0)
+    (noise,) = noises
+    assert noise.mean().item() == pytest.approx(0.1 * offset, abs=0.01)
+    assert noise.std().item() == pytest.approx(1.0, abs=0.02)
+
+
+def _one_step(optimizer: str, weight_decay: float) -> tuple[torch.optim.Optimizer, dict]:
+    """One optimiser step with zero gradients: only the weight decay moves the weights."""
+    torch.manual_seed(0)
+    module = SequentialRecModule(
+        num_items=12,
+        network={"name": "gru4rec", "state_size": 8},
+        hidden_size=8,
+        lr=0.01,
+        weight_decay=weight_decay,
+        optimizer=optimizer,
+        betas=(0.8, 0.9),
+    )
+    opt = module.configure_optimizers()["optimizer"]
+    before = {name: p.detach().clone() for name, p in module.named_parameters()}
+    for p in module.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    after = dict(module.named_parameters())
+    return opt, {name: (before[name], after[name].detach()) for name in before}
+
+
+def test_adamw_decays_the_weights_decoupled_and_adam_through_the_gradient() -> None:
+    opt, weights = _one_step("adamw", 0.1)
+    assert type(opt) is torch.optim.AdamW and opt.defaults["fused"]
+    assert opt.param_groups[0]["betas"] == (0.8, 0.9)
+    for before, after in weights.values():  # w <- w (1 - lr wd), nothing else
+        torch.testing.assert_close(after, before * (1 - 0.01 * 0.1))
+    opt, weights = _one_step("adam", 0.1)
+    assert type(opt) is torch.optim.Adam
+    before, after = weights["items.table.weight"]
+    # L2 in the gradient, normalised by Adam: the first step is lr * sign(w), whatever |w|.
+    torch.testing.assert_close(before - after, 0.01 * before.sign(), atol=1e-5, rtol=1e-3)
+    for before, after in _one_step("adam", 0.0)[1].values():
+        torch.testing.assert_close(after, before)
+    with pytest.raises(ConfigError, match="model.optimizer must be one of adam, adamw"):
+        _one_step("sgd", 0.0)
+    cfg = compose_config(["model=sasrec", "paths.output_dir=unused", "model.optimizer=adamw"])
+    assert cfg.model.optimizer == "adamw" and list(cfg.model.betas) == [0.9, 0.999]
