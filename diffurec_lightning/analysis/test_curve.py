@@ -4,7 +4,7 @@ After each validation the module ranks the test users too, through the same ``ra
 final test; the metrics are logged as ``curve_test/hr@10`` etc. and, with the validation metrics
 of the same epoch, kept in ``history`` (written to results.json). They are never monitored: the
 checkpoint is still chosen on validation alone, and the validation metrics are the same with and
-without this callback (it reads no random state the training uses).
+without this callback (the random state the training uses is restored after the test pass).
 """
 
 from __future__ import annotations
@@ -33,7 +33,10 @@ class TestEveryValidation(L.Callback):
         # As many batches as validation ran (limit_val_batches, fast_dev_run): both splits hold
         # one sample per user, so the batch counts match.
         limit = trainer.num_val_batches[0] if trainer.num_val_batches else float("inf")
-        with torch.no_grad():
+        # Iterating a DataLoader draws its base seed from the global generator: without the
+        # fork, every later dropout mask and diffusion step would change.
+        cuda = [pl_module.device.index or 0] if pl_module.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda), torch.no_grad():
             for index, batch in enumerate(trainer.datamodule.test_dataloader()):
                 if index >= limit:
                     break
