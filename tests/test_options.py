@@ -66,8 +66,9 @@ def test_num_blocks_and_hidden_size() -> None:
     with torch.no_grad():
         out = module.approximator(emb, seq > 0, x_t, t, lam)
         assert out.shape == (2, 16)
-        # Blocks are chained: the first block's weights reach the output through the others.
-        module.approximator.blocks[0].ffn.down.bias += 1.0
+        # Blocks are chained: the first block's weights reach the output through the others
+        # (a weight, not a bias: a constant shift would vanish in the next LayerNorm).
+        module.approximator.blocks[0].ffn.up.weight.mul_(-1.0)
         assert not torch.allclose(module.approximator(emb, seq > 0, x_t, t, lam), out)
     wide = model_from_config("diffurec", "model.hidden_size=32", "model.num_blocks=2")
     assert wide.items.table.weight.shape[1] == 32 and len(wide.approximator.blocks) == 2
