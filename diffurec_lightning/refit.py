@@ -15,6 +15,7 @@ report labels the model "<name> (refit)".
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ def checkpoint_epochs(path: str) -> int:
 
 def _phase_config(cfg: DictConfig, **values: Any) -> DictConfig:
     """A copy of ``cfg`` with dotted keys set (``None`` removes a callback or logger)."""
-    phase = cfg.copy()
+    phase = copy.deepcopy(cfg)  # DictConfig.copy() would share the nested nodes
     with open_dict(phase):
         for dotted, value in values.items():
             OmegaConf.update(phase, dotted.replace("__", "."), value, merge=False)
@@ -90,6 +91,7 @@ def refit(cfg: DictConfig) -> dict[str, Any]:
         "trainer__limit_val_batches": 0,
         "callbacks__early_stopping": None,
         "callbacks__model_checkpoint__monitor": None,
+        "callbacks__model_checkpoint__save_on_train_epoch_end": True,
     }
     _label(cfg, "refit", values)
     results = train(_phase_config(cfg, **values))

@@ -245,8 +245,9 @@ def test_per_position_preset_composes_and_learns_the_synthetic_rule(
         "data=synthetic",
         "data.train_samples=sequences",
         "model.objective=per_position",
-        "trainer.max_epochs=3",
-        "trainer.check_val_every_n_epoch=3",
+        "data.batch_size=32",  # one sample per user: 13 steps an epoch
+        "trainer.max_epochs=8",
+        "trainer.check_val_every_n_epoch=8",
         "model.emb_dropout=0.1",
         "model.network.dropout=0.1",
         "model.lr=0.01",
