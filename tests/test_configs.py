@@ -9,6 +9,7 @@ from hydra.utils import instantiate
 from omegaconf import open_dict
 
 from diffurec_lightning.config import CONF_DIR, compose_config
+from diffurec_lightning.train import resolve_trainer_precision
 
 
 def names(group: str) -> list[str]:
@@ -51,5 +52,8 @@ def test_every_experiment_composes_and_builds(experiment: str) -> None:
 @pytest.mark.parametrize("trainer", ["default", "cpu", "ddp"])
 def test_trainer_configs_instantiate(trainer: str, tmp_path: Path) -> None:
     cfg = compose_config([f"trainer={trainer}", f"paths.output_dir={tmp_path}"])
+    with open_dict(cfg):
+        cfg.trainer.accelerator = "cpu"
+    resolve_trainer_precision(cfg)  # precision: auto is resolved before the Trainer is built
     built = instantiate(cfg.trainer, accelerator="cpu", logger=False, enable_progress_bar=False)
     assert built.max_epochs == cfg.trainer.max_epochs

@@ -136,7 +136,10 @@ def test_bad_input_gets_one_error_line(files: dict[str, Path], case: str) -> Non
 @pytest.mark.parametrize("name", ["crafted.ckpt", "crafted.pkl"])
 def test_a_crafted_checkpoint_never_runs_its_payload(files: dict[str, Path], name: str) -> None:
     crafted = files["root"] / name
-    with pytest.raises(ConfigError, match="refused to load: it refers to posix.system"):
+    # The zip checkpoint is refused at its global (named); torch's weights-only unpickler stops
+    # a bare protocol-4 pickle even earlier, at an opcode, so that refusal names no object.
+    named = "posix.system" if name.endswith(".ckpt") else "an object"
+    with pytest.raises(ConfigError, match=f"refused to load: it refers to {named}"):
         load_checkpoint(crafted)
     for module, args in ((EVAL, [f"ckpt_path={crafted}"]), (TRAIN, [*RUN, f"ckpt_path={crafted}"])):
         done = cli(files, module, *args)

@@ -31,6 +31,24 @@ _ENSEMBLE_SEED_STRIDE = 1_000_003
 _PREFETCH_VALUES = 1 << 24
 
 
+def _check_samplers(
+    eval_sampler: str,
+    eval_steps: int | None,
+    val_sampler: str | None,
+    val_steps: int | None,
+    num_steps: int,
+) -> None:
+    """One-line ConfigErrors for an unknown sampler or a step count outside 1..T."""
+    for key, sampler, steps in (
+        ("eval", eval_sampler, eval_steps),
+        ("val", val_sampler or eval_sampler, val_steps),
+    ):
+        try:
+            check_sampler(sampler, steps, num_steps)
+        except ValueError as exc:
+            raise ConfigError(f"model.{key}_sampler / model.{key}_steps: {exc}") from None
+
+
 class DiffusionRecModule(DiffusionRecommender):
     """DiffuRec / DiffuRecSys: which one is set by ``approximator`` and ``offset``."""
 
@@ -82,14 +100,8 @@ class DiffusionRecModule(DiffusionRecommender):
             eval_steps is None or 1 <= eval_steps <= num_steps,
             f"model.eval_steps must lie in 1..num_steps ({num_steps}) or be null, got {eval_steps}",
         )
-        for key, name, steps in (
-            ("eval", eval_sampler, eval_steps),
-            ("val", val_sampler or eval_sampler, val_steps),
-        ):
-            try:
-                check_sampler(name, steps, num_steps)
-            except ValueError as exc:
-                raise ConfigError(f"model.{key}_sampler / model.{key}_steps: {exc}") from None
+        # A helper, not a loop here: save_hyperparameters reads this frame's local names.
+        _check_samplers(eval_sampler, eval_steps, val_sampler, val_steps, num_steps)
         super().__init__(
             lr=lr,
             weight_decay=weight_decay,
