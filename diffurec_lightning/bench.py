@@ -47,6 +47,26 @@ PRECISIONS = {"fp32": None, "bf16-mixed": torch.bfloat16}
 PEAK_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+def set_options(options: Any, prefix: str, args: list[str]) -> list[str]:
+    """Set every ``<prefix>.<key>=<value>`` of ``args`` on the dataclass ``options`` (typed as
+    its default), with a one-line ConfigError for an unknown key or a bad value; return the
+    other arguments (config overrides)."""
+    kinds = {field.name: type(field.default) for field in dataclasses.fields(options)}
+    overrides = []
+    for arg in args:
+        if not arg.startswith(f"{prefix}."):
+            overrides.append(arg)
+            continue
+        key, _, value = arg[len(prefix) + 1 :].partition("=")
+        if key not in kinds:
+            raise ConfigError(f"unknown option {prefix}.{key}; known: {', '.join(kinds)}")
+        try:
+            setattr(options, key, kinds[key](value))
+        except ValueError:
+            raise ConfigError(f"{prefix}.{key}={value}: expected a {kinds[key].__name__}") from None
+    return overrides
+
+
 @dataclasses.dataclass
 class BenchOptions:
     """``bench.<key>=<value>`` on the command line."""
@@ -63,16 +83,8 @@ class BenchOptions:
 
     @classmethod
     def parse(cls, args: list[str]) -> tuple[BenchOptions, list[str]]:
-        options, overrides = cls(), []
-        fields = {field.name: field.type for field in dataclasses.fields(cls)}
-        for arg in args:
-            if not arg.startswith("bench."):
-                overrides.append(arg)
-                continue
-            key, _, value = arg[len("bench.") :].partition("=")
-            if key not in fields:
-                raise ConfigError(f"unknown option bench.{key}; known: {', '.join(fields)}")
-            setattr(options, key, int(value) if fields[key] in (int, "int") else value)
+        options = cls()
+        overrides = set_options(options, "bench", args)
         for name in options.precision_list():
             if name not in PRECISIONS:
                 raise ConfigError(f"bench.precisions: unknown '{name}'; use {list(PRECISIONS)}")

@@ -44,19 +44,10 @@ class TTAOptions:
 
     @classmethod
     def parse(cls, args: list[str]) -> tuple[TTAOptions, list[str]]:
-        options, overrides = cls(), []
-        kinds = {field.name: type(field.default) for field in dataclasses.fields(cls)}
-        for arg in args:
-            if not arg.startswith("tta."):
-                overrides.append(arg)
-                continue
-            key, _, value = arg[len("tta.") :].partition("=")
-            if key not in kinds:
-                raise ConfigError(f"unknown option tta.{key}; known: {', '.join(kinds)}")
-            try:
-                setattr(options, key, kinds[key](value))
-            except ValueError:
-                raise ConfigError(f"tta.{key}={value}: expected a {kinds[key].__name__}") from None
+        from diffurec_lightning.bench import set_options
+
+        options = cls()
+        overrides = set_options(options, "tta", args)
         if options.every < 1:
             raise ConfigError(f"tta.every must be >= 1, got {options.every}")
         return options, overrides

@@ -45,6 +45,23 @@ def ancestral(
     return x_start_pred
 
 
+def _renoising_loop(
+    process: GaussianDiffusion,
+    denoise_fn: DenoiseFn,
+    x_T: Tensor,
+    next_noise: Callable[[int, Tensor, Tensor], Tensor],
+) -> Tensor:
+    """At each kept level predict x0, then x_{i-1} = q_sample(x0_hat, i-1, next_noise(i, x_i, x0_hat))."""
+    x_t = x_T
+    x_start_pred = x_T
+    for i in reversed(range(process.num_steps)):
+        t = torch.full((x_T.shape[0],), i, dtype=torch.long, device=x_T.device)  # (B,)
+        x_start_pred = denoise_fn(x_t, process.timestep_map[t])
+        if i > 0:
+            x_t = process.q_sample(x_start_pred, t - 1, next_noise(i, x_t, x_start_pred))
+    return x_start_pred
+
+
 def skip(
     process: GaussianDiffusion,
     denoise_fn: DenoiseFn,
@@ -57,14 +74,7 @@ def skip(
     The re-noising uses the forward process's noise, ``noise_fn(i) + forward_mean`` (the mean is
     DCRec's history offset delta * K; 0 for plain Gaussian noise).
     """
-    x_t = x_T
-    x_start_pred = x_T
-    for i in reversed(range(process.num_steps)):
-        t = torch.full((x_T.shape[0],), i, dtype=torch.long, device=x_T.device)  # (B,)
-        x_start_pred = denoise_fn(x_t, process.timestep_map[t])
-        if i > 0:
-            x_t = process.q_sample(x_start_pred, t - 1, noise_fn(i) + forward_mean)
-    return x_start_pred
+    return _renoising_loop(process, denoise_fn, x_T, lambda i, *_: noise_fn(i) + forward_mean)
 
 
 def ddim(
@@ -80,16 +90,12 @@ def ddim(
     mean, which it carries along unchanged) that would have produced x_i from x0_hat.
     ``noise_fn`` is never called: only x_T is random.
     """
-    x_t = x_T
-    x_start_pred = x_T
-    for i in reversed(range(process.num_steps)):
-        t = torch.full((x_T.shape[0],), i, dtype=torch.long, device=x_T.device)  # (B,)
-        x_start_pred = denoise_fn(x_t, process.timestep_map[t])
-        if i > 0:
-            sqrt_abar = process.sqrt_alphas_cumprod[i]
-            eps = (x_t - sqrt_abar * x_start_pred) / process.sqrt_one_minus_alphas_cumprod[i]
-            x_t = process.q_sample(x_start_pred, t - 1, eps)
-    return x_start_pred
+
+    def implied_noise(i: int, x_t: Tensor, x_start_pred: Tensor) -> Tensor:
+        sqrt_abar = process.sqrt_alphas_cumprod[i]
+        return (x_t - sqrt_abar * x_start_pred) / process.sqrt_one_minus_alphas_cumprod[i]
+
+    return _renoising_loop(process, denoise_fn, x_T, implied_noise)
 
 
 SAMPLERS: dict[str, Callable[..., Tensor]] = {"ancestral": ancestral, "skip": skip, "ddim": ddim}
