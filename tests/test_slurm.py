@@ -158,6 +158,12 @@ def is_training(pid: int) -> bool:
     return b"diffurec_lightning.train" in Path(f"/proc/{pid}/cmdline").read_bytes()
 
 
+def node_idle() -> bool:
+    done = subprocess.run(["scontrol", "show", "node", "-o"], capture_output=True, text=True)
+    states = re.findall(r"State=(\S+)", done.stdout)
+    return bool(states) and all(state.startswith("IDLE") for state in states)
+
+
 def finished(job_id: str) -> bool:
     return job_info(job_id)["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
 
@@ -229,6 +235,9 @@ def test_requeue_signal_resumes_from_the_checkpoint(slurm_env: Path) -> None:
     wait_for(lambda: job_info(job_id).get("Restarts") == "1", 120, "the requeue", log)
     # A requeued job waits ~2 minutes (BeginTime) before it may start again; skip the wait.
     wait_for(lambda: job_info(job_id)["JobState"] == "PENDING", 60, "PENDING", log)
+    # Only once slurmd has finished killing the first attempt: a job started again before that
+    # is refused ("Job credential revoked", seen in slurmctld's log) and fails with exit code 1.
+    wait_for(node_idle, 60, "the node to be idle", log)
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
     wait_for(lambda: finished(job_id), 300, f"job {job_id} to finish after requeue", log)
 
