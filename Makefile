@@ -84,8 +84,9 @@ report: install  ## mean +- std over seeds and paired t-tests: make report RUNS=
 
 # One command per table: each model's recipe (conf/experiment/<model>_<data>.yaml if any) over
 # seeds 0..SEEDS-1, one run at a time, into outputs/reproduce/<data>/<time>/, then its report.md.
-reproduce: install  ## every model x seed, then the report: make reproduce DATA=toys MODELS="pop markov diffurec diffurecsys" SEEDS=3 [BASELINE=markov]
-	$(PY) -m diffurec_lightning.analysis.reproduce --data $(DATA) --models $(MODELS) --seeds $(SEEDS) --baseline $(or $(BASELINE),markov) $(ARGS)
+# TRAIN_DEFAULTS=diffurec,diffurecsys: those models run with the make train defaults, not their preset.
+reproduce: install  ## every model x seed, then the report: make reproduce DATA=toys MODELS="pop markov diffurec diffurecsys" SEEDS=3 [BASELINE=markov] [TRAIN_DEFAULTS=diffurec]
+	$(PY) -m diffurec_lightning.analysis.reproduce --data $(DATA) --models $(MODELS) --seeds $(SEEDS) --baseline $(or $(BASELINE),markov) $(if $(TRAIN_DEFAULTS),--train-defaults $(TRAIN_DEFAULTS)) $(ARGS)
 
 # -- sweeps, SLURM, seeds (docs/experiments.md) ---------------------------------------------------
 SWEEP      ?= sweeps/diffurecsys_toys.yaml

@@ -23,6 +23,7 @@ TINY = [
 def test_recipes_use_the_published_settings_where_there_are_some() -> None:
     assert recipe("toys", "diffurec") == ["data=toys", "model=diffurec", "experiment=diffurec_toys"]
     assert recipe("toys", "markov") == ["data=toys", "model=markov"]
+    assert recipe("toys", "diffurec", preset=False) == ["data=toys", "model=diffurec"]
 
 
 def test_make_reproduce_calls_the_entry_point() -> None:

@@ -8,7 +8,9 @@
 Each (model, seed) is its own training run, one after the other, in
 ``<out-dir>/<model>/seed<k>/`` (results.json, checkpoints, case studies). A model's recipe is
 ``experiment=<model>_<data>`` when conf/experiment has one (the published settings), otherwise
-``data=<data> model=<model>``. Trailing Hydra overrides apply to every run; a ``model.<key>``
+``data=<data> model=<model>`` (the ``make train`` defaults); ``--train-defaults diffurec`` picks
+the latter for a model that has a preset (the published DiffuRec(Sys) settings validate every 5-20
+epochs for 41-200 epochs, hours on a CPU; the defaults validate every epoch and stop early). Trailing Hydra overrides apply to every run; a ``model.<key>``
 override is skipped (and said so) for a model that has no such setting, so that e.g.
 ``model.hidden_size=16`` shrinks the neural models and leaves pop and markov alone. Then
 ``report.md`` in the same folder: validation and test of the same checkpoints (mean +- std over
@@ -33,11 +35,11 @@ from diffurec_lightning.config import CONF_DIR, compose_config
 from diffurec_lightning.errors import ConfigError, DiffuRecError
 
 
-def recipe(data: str, model: str) -> list[str]:
-    """The overrides that select a model's settings for a dataset."""
+def recipe(data: str, model: str, preset: bool = True) -> list[str]:
+    """The overrides that select a model's settings for a dataset (its preset, if any and wanted)."""
     experiment = f"{model}_{data}"
     chosen = [f"data={data}", f"model={model}"]
-    if (CONF_DIR / "experiment" / f"{experiment}.yaml").is_file():
+    if preset and (CONF_DIR / "experiment" / f"{experiment}.yaml").is_file():
         chosen.append(f"experiment={experiment}")
     return chosen
 
@@ -55,10 +57,15 @@ def applicable(cfg: DictConfig, overrides: Sequence[str]) -> tuple[list[str], li
 
 
 def run_config(
-    data: str, model: str, seed: int, folder: Path, overrides: Sequence[str]
+    data: str,
+    model: str,
+    seed: int,
+    folder: Path,
+    overrides: Sequence[str],
+    preset: bool = True,
 ) -> tuple[DictConfig, list[str]]:
     """The composed config of one run, and the overrides that did not apply to this model."""
-    base = recipe(data, model)
+    base = recipe(data, model, preset)
     if any(o.startswith("experiment=") for o in overrides):
         base = base[:2]  # the caller's experiment replaces the recipe's
     probe = compose_config(base)
@@ -76,6 +83,7 @@ def reproduce(
     baseline: str = "markov",
     wandb: bool = True,
     command: str = "python -m diffurec_lightning.analysis.reproduce",
+    train_defaults: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Run every (model, seed) one at a time, then write ``out_dir/report.md``."""
     from diffurec_lightning.analysis.report import build_report
@@ -85,13 +93,16 @@ def reproduce(
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
     if not models:
         raise ConfigError("--models: name at least one model (e.g. pop markov diffurecsys)")
-    missing = [m for m in models if not (CONF_DIR / "model" / f"{m}.yaml").is_file()]
+    missing = [
+        m for m in [*models, *train_defaults] if not (CONF_DIR / "model" / f"{m}.yaml").is_file()
+    ]
     if missing:
         raise ConfigError(f"--models: no conf/model/{missing[0]}.yaml")
     for model in models:
         for seed in range(seeds):
             folder = out_dir / model / f"seed{seed}"
-            cfg, skipped = run_config(data, model, seed, folder, overrides)
+            preset = model not in train_defaults
+            cfg, skipped = run_config(data, model, seed, folder, overrides, preset)
             if skipped:
                 print(f"{model}: not its settings, skipped: {' '.join(skipped)}")
             print(f"== {model} on {data}, seed {seed} -> {folder}", flush=True)
@@ -124,6 +135,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per model")
     parser.add_argument("--baseline", default="markov", help="model the t-tests compare against")
     parser.add_argument("--out-dir", default=None, help="default outputs/reproduce/<data>/<time>")
+    parser.add_argument(
+        "--train-defaults",
+        type=lambda names: [n for n in names.split(",") if n],
+        default=[],
+        metavar="MODEL[,MODEL...]",
+        help="models that run with the make train defaults instead of their experiment preset",
+    )
     parser.add_argument("--no-wandb", action="store_true", help="skip the report's W&B run")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
     args = parser.parse_args(argv)
@@ -145,6 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.baseline,
             wandb=not args.no_wandb,
             command=command.strip(),
+            train_defaults=args.train_defaults,
         )
     except (DiffuRecError, HydraException) as exc:
         # One line: a wrong override or dataset name is a usage error, not a crash.
