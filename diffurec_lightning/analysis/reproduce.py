@@ -10,7 +10,12 @@ Each (model, seed) is its own training run, one after the other, in
 ``experiment=<model>_<data>`` when conf/experiment has one (the published settings), otherwise
 ``data=<data> model=<model>`` (the ``make train`` defaults); ``--train-defaults diffurec`` picks
 the latter for a model that has a preset (the published DiffuRec(Sys) settings validate every 5-20
-epochs for 41-200 epochs, hours on a CPU; the defaults validate every epoch and stop early). Trailing Hydra overrides apply to every run; a ``model.<key>``
+epochs for 41-200 epochs, hours on a CPU; the defaults validate every epoch and stop early).
+A (model, seed) whose folder already holds results.json is kept, not trained again, and one
+stopped during training continues from its ``checkpoints/last.ckpt`` (written every epoch; the
+resumed run ends as the uninterrupted one would): a reproduce that was stopped resumes with the
+same command, and the runs can be spread over several calls into the same ``--out-dir``.
+``--rerun`` trains every run again from scratch. Trailing Hydra overrides apply to every run; a ``model.<key>``
 override is skipped (and said so) for a model that has no such setting, so that e.g.
 ``model.hidden_size=16`` shrinks the neural models and leaves pop and markov alone. Then
 ``report.md`` in the same folder: validation and test of the same checkpoints (mean +- std over
@@ -84,6 +89,7 @@ def reproduce(
     wandb: bool = True,
     command: str = "python -m diffurec_lightning.analysis.reproduce",
     train_defaults: Sequence[str] = (),
+    rerun: bool = False,
 ) -> dict[str, Any]:
     """Run every (model, seed) one at a time, then write ``out_dir/report.md``."""
     from diffurec_lightning.analysis.report import build_report
@@ -101,8 +107,19 @@ def reproduce(
     for model in models:
         for seed in range(seeds):
             folder = out_dir / model / f"seed{seed}"
+            if (folder / "results.json").is_file() and not rerun:
+                # a finished run is kept: an interrupted reproduce resumes where it stopped
+                print(f"== {model} on {data}, seed {seed}: finished before, kept ({folder})")
+                continue
             preset = model not in train_defaults
-            cfg, skipped = run_config(data, model, seed, folder, overrides, preset)
+            resume = (
+                []
+                if rerun or not (folder / "checkpoints" / "last.ckpt").is_file()
+                else ["ckpt_path=auto"]
+            )
+            cfg, skipped = run_config(data, model, seed, folder, [*overrides, *resume], preset)
+            if resume:
+                print(f"== {model} on {data}, seed {seed}: resuming from its last.ckpt")
             if skipped:
                 print(f"{model}: not its settings, skipped: {' '.join(skipped)}")
             print(f"== {model} on {data}, seed {seed} -> {folder}", flush=True)
@@ -143,6 +160,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="models that run with the make train defaults instead of their experiment preset",
     )
     parser.add_argument("--no-wandb", action="store_true", help="skip the report's W&B run")
+    parser.add_argument(
+        "--rerun", action="store_true", help="train again runs whose results.json exists"
+    )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
     args = parser.parse_args(argv)
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
@@ -164,6 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             wandb=not args.no_wandb,
             command=command.strip(),
             train_defaults=args.train_defaults,
+            rerun=args.rerun,
         )
     except (DiffuRecError, HydraException) as exc:
         # One line: a wrong override or dataset name is a usage error, not a crash.
