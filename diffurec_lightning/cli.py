@@ -139,7 +139,7 @@ def check_overrides(overrides: list[str], config_name: str = "train") -> DictCon
 # Settings that must be given (``???`` in the YAML), and what to pass; model.num_items comes
 # from the data.
 _REQUIRED = {
-    "data.path": "data=custom needs data.path=<file> (CSV/TSV/Parquet/.inter/.dat or .pkl)",
+    "data.source.path": "data=custom needs data.source.path=<file> (CSV/TSV/Parquet/.inter/.dat or .pkl)",
     "ckpt_path": "ckpt_path is required: pass ckpt_path=<run>/checkpoints/<file>.ckpt",
 }
 _FILLED_IN = {"model.num_items"}

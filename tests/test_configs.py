@@ -27,7 +27,7 @@ def test_every_model_config_instantiates(model: str) -> None:
 
 @pytest.mark.parametrize("data", names("data"))
 def test_every_data_config_instantiates(data: str, tmp_path: Path) -> None:
-    extra = [f"data.path={tmp_path / 'x.csv'}"] if data == "custom" else []
+    extra = [f"data.source.path={tmp_path / 'x.csv'}"] if data == "custom" else []
     cfg = compose_config([f"data={data}", *extra])
     datamodule = instantiate(cfg.data)
     assert datamodule.max_len == cfg.data.max_len
