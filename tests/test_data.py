@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import pickle
 import shutil
 from pathlib import Path
@@ -10,6 +12,7 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
+from hydra.utils import instantiate
 
 from diffurec_lightning.data.batching import EvalBatchSampler, TrainBatchSampler
 from diffurec_lightning.data.benchmarks import (
@@ -26,7 +29,12 @@ from diffurec_lightning.data.datasets import (
     train_sequences,
 )
 from diffurec_lightning.data.safe_pickle import safe_load
-from diffurec_lightning.data.sources import BenchmarkSource, FileSource
+from diffurec_lightning.data.sources import (
+    BenchmarkSource,
+    FileSource,
+    SyntheticSource,
+    legacy_data_config,
+)
 from diffurec_lightning.data.store import load_id_maps, load_store, write_cache
 from diffurec_lightning.errors import ConfigError, DataError
 
@@ -399,3 +407,41 @@ def test_removed_cache_copy_is_prepared_again(tmp_path: Path, mirror: Path) -> N
     cache = prepare_benchmark("beauty", tmp_path, mirror)
     shutil.rmtree(cache)
     assert load_store(prepare_benchmark("beauty", tmp_path, mirror)).num_users == 22_363
+
+
+def test_sources_keep_the_cache_folders_of_before(tmp_path: Path) -> None:
+    """The cache keys of the flat data config that came before data.source: existing caches
+    stay valid."""
+    clicks = tmp_path / "clicks.csv"
+    clicks.write_text("user_id,item_id,timestamp\n")
+    stat = clicks.stat()
+    options = {"format": "auto", "user_col": "user_id", "item_col": "item_id",
+               "time_col": "timestamp", "rating_col": None, "min_rating": None,
+               "separator": None, "k_core": 5}  # fmt: skip
+    key = {
+        **options,
+        "path": str(clicks.resolve()),
+        "size": stat.st_size,
+        "mtime": stat.st_mtime_ns,
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    assert FileSource(str(clicks)).cache_dir(tmp_path) == tmp_path / f"custom-clicks-{digest}"
+    cache = SyntheticSource(num_users=30, num_items=20, seed=2).prepare(tmp_path)
+    assert cache == tmp_path / "synthetic-u30-i20-s2"
+
+
+def test_data_configs_saved_before_sources_still_load() -> None:
+    old = {"_target_": "diffurec_lightning.data.datamodule.SequenceDataModule", "max_len": 50}
+    toys = legacy_data_config({**old, "name": "toys", "mirror": "/m"})
+    assert toys["source"] == {
+        "_target_": "diffurec_lightning.data.sources.BenchmarkSource", "name": "toys",
+        "mirror": "/m",
+    }  # fmt: skip
+    assert "mirror" not in toys and toys["max_len"] == 50
+    custom = legacy_data_config({**old, "name": "custom", "path": "x.csv", "k_core": 3})
+    assert instantiate(custom["source"]) == FileSource("x.csv", k_core=3)
+    synthetic = legacy_data_config(
+        {**old, "name": "synthetic", "num_items": 9, "synthetic_seed": 4}
+    )
+    assert instantiate(synthetic["source"]) == SyntheticSource(num_items=9, seed=4)
+    assert legacy_data_config(toys) == toys  # already in the new form
