@@ -139,18 +139,23 @@ class UserHistories(Dataset):
 
 class UserChunks(Sampler[list[int]]):
     """Consecutive chunks of ``batch_size`` positions, in order; with several devices each rank
-    takes one contiguous run of chunks, so concatenating the ranks' outputs restores the order."""
+    takes one contiguous run of chunks, so concatenating the ranks' outputs restores the order.
+    ``ranks()`` gives (world size, rank); it is asked when the loader is iterated, since a
+    DDP process knows its rank only once the Trainer has set up."""
 
-    def __init__(self, num: int, batch_size: int, num_replicas: int = 1, rank: int = 0) -> None:
-        chunks = [(s, min(s + batch_size, num)) for s in range(0, num, batch_size)]
-        share = np.array_split(np.arange(len(chunks)), num_replicas)[rank]
-        self.chunks = [chunks[i] for i in share]
+    def __init__(self, num: int, batch_size: int, ranks: Callable[[], tuple[int, int]]) -> None:
+        self.chunks = [(s, min(s + batch_size, num)) for s in range(0, num, batch_size)]
+        self.ranks = ranks
+
+    def mine(self) -> list[tuple[int, int]]:
+        world, rank = self.ranks()
+        return [self.chunks[i] for i in np.array_split(np.arange(len(self.chunks)), world)[rank]]
 
     def __iter__(self) -> Iterator[list[int]]:
-        return (list(range(start, end)) for start, end in self.chunks)
+        return (list(range(start, end)) for start, end in self.mine())
 
     def __len__(self) -> int:
-        return len(self.chunks)
+        return len(self.mine())
 
 
 def _passthrough(batch: Any) -> Any:
@@ -273,7 +278,9 @@ def predict_to_parquet(
     )
     loader = DataLoader(
         dataset,
-        batch_sampler=UserChunks(len(users), batch_size, trainer.world_size, trainer.global_rank),
+        batch_sampler=UserChunks(
+            len(users), batch_size, lambda: (trainer.world_size, trainer.global_rank)
+        ),
         collate_fn=_passthrough,
     )
     writer = ParquetPredictionWriter(

@@ -245,6 +245,27 @@ def test_predict_excludes_the_history(trained: dict, tmp_path: Path) -> None:
         assert filtered[str(user)] == [i for i in ranking[str(user)] if i not in history][:20]
 
 
+def test_predict_on_two_processes_writes_the_same_file(trained: dict, tmp_path: Path) -> None:
+    """DDP on two CPU processes: each rank streams its share, rank zero joins them in order."""
+    env = {**os.environ, "DIFFUREC_HOME": str(trained["home"]), "OMP_NUM_THREADS": "1"}
+    env["DIFFUREC_DATA_DIR"] = str(trained["home"] / "data")
+    out = tmp_path / "ddp.parquet"
+    command = [
+        sys.executable, "-m", "diffurec_lightning.eval", f"ckpt_path={trained['best_checkpoint']}",
+        "mode=predict", f"predict.out={out}", "predict.batch_size=64",
+        "predict.exclude_history=false", "trainer=ddp", "trainer.accelerator=cpu",
+        "trainer.devices=2", "logger=csv", f"hydra.run.dir={tmp_path / 'run'}",
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    _, datamodule, model = setup(eval_config(trained, tmp_path / "s"))
+    expected = direct_predictions(model, datamodule.store, datamodule.max_len, k=20)
+    assert pl.read_parquet(out).equals(expected)
+    assert pq.ParquetFile(out).num_row_groups == 7  # 400 users in batches of 64
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no parts left
+    assert "Predicting: 4/4 (100%)" in done.stdout  # rank zero's share, as plain lines
+
+
 class FailAt(L.Callback):
     """A crash after some batches were already streamed into the file."""
 
