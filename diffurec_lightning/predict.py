@@ -13,6 +13,7 @@ It runs as ``trainer.predict``: the Trainer brings devices, precision and the pr
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -289,7 +290,10 @@ def predict_to_parquet(
     model.hparams.predict_k = k
     trainer.callbacks.append(writer)
     try:
-        trainer.predict(model, dataloaders=loader, return_predictions=False)
+        with warnings.catch_warnings():
+            # Lightning cannot see that UserChunks yields every position (no drop_last): it does.
+            warnings.filterwarnings("ignore", message=".*custom batch sampler `UserChunks`")
+            trainer.predict(model, dataloaders=loader, return_predictions=False)
     finally:
         trainer.callbacks.remove(writer)
     rows = pq.ParquetFile(out).metadata.num_rows
