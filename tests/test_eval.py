@@ -311,7 +311,9 @@ def test_training_progress_is_plain_lines_off_a_terminal(trained: dict) -> None:
     assert "train/loss=" in final
 
 
-def test_curves_over_steps_and_ensembles(trained: dict, tmp_path: Path) -> None:
+def test_curves_over_steps_and_ensembles(
+    trained: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     out = tmp_path / "curves"
     cfg = eval_config(
         trained, out, "mode=curves", "curves.steps=[1,2,4]", "curves.ensemble_sizes=[1,2]",
@@ -328,6 +330,10 @@ def test_curves_over_steps_and_ensembles(trained: dict, tmp_path: Path) -> None:
     assert rows[2]["same_rank"] == rows[3]["same_rank"] == 1.0  # the reference itself
     assert png_size(out / "curves.png") == (1000, 400)
     assert "| ensemble | 4 | 2 |" in (out / "curves.md").read_text()
+    # Off a terminal, every measured setting reports its batches as plain lines.
+    printed = capsys.readouterr().out
+    for label in ("1 steps, ensemble 1", "4 steps, ensemble 1", "4 steps, ensemble 2"):
+        assert f"curves: {label}: 1/1 (100%)" in printed
     with pytest.raises(ConfigError, match="outside 1..4"):
         evaluate(eval_config(trained, tmp_path / "x", "mode=curves", "curves.steps=[8]"))
 
