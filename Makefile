@@ -55,7 +55,7 @@ format: install  ## apply ruff fixes and formatting
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-data: install  ## prepare a dataset cache: make data DATA=toys (or DATA=custom ARGS="data.path=...")
+data: install  ## prepare a dataset cache: make data DATA=toys (or DATA=custom ARGS="data.source.path=...")
 	$(PY) -m diffurec_lightning.data.prepare data=$(DATA) $(ARGS)
 
 # -- analysis of finished runs (docs/analysis.md) -------------------------------------------------

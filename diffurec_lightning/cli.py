@@ -139,7 +139,7 @@ def check_overrides(overrides: list[str], config_name: str = "train") -> DictCon
 # Settings that must be given (``???`` in the YAML), and what to pass; model.num_items comes
 # from the data.
 _REQUIRED = {
-    "data.path": "data=custom needs data.path=<file> (CSV/TSV/Parquet/.inter/.dat or .pkl)",
+    "data.source.path": "data=custom needs data.source.path=<file> (CSV/TSV/Parquet/.inter/.dat or .pkl)",
     "ckpt_path": "ckpt_path is required: pass ckpt_path=<run>/checkpoints/<file>.ckpt",
 }
 _FILLED_IN = {"model.num_items"}
@@ -215,6 +215,19 @@ def _describe(exc: BaseException, defaults: DictConfig | None) -> str:
         return f"{group}={option}: no such option; choose one of: {', '.join(exc.options)}"
     if missing:
         return f"{missing.group(1)}={missing.group(2)}: no such option in conf/{missing.group(1)}/"
+    merging = re.search(r"Error merging override ([^=\s]+)=(.*)", text)
+    if merging and exc.__cause__ is not None:
+        # A typed schema (diffurec_lightning/schemas.py) refused the value.
+        key, raw = merging.groups()
+        old = _select(defaults, key) if defaults is not None else None
+        kind = _kind(old)
+        if kind in _EXPECTED and old is not None:
+            shown = _as_override(old)
+            return (
+                f"{key}={raw}: expected {_EXPECTED[kind]} (the default is {shown}); "
+                f"e.g. {key}={shown}"
+            )
+        return f"{key}={raw}: {_one_line(exc.__cause__)}"
     override = re.search(r"Could not override '([^']+)'", text)
     if override:
         key = override.group(1)

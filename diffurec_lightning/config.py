@@ -6,6 +6,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from diffurec_lightning.schemas import register as register_schemas
+
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
@@ -43,3 +45,4 @@ def _register_resolvers() -> None:
 
 
 _register_resolvers()
+register_schemas()

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from diffurec_lightning.analysis.files import write_json
 from diffurec_lightning.checkpoints import load_checkpoint
+from diffurec_lightning.data.sources import legacy_data_config
 from diffurec_lightning.errors import ConfigError, DiffuRecError
 
 DEFAULT_MODEL = "diffurec_lightning.models.diffusion_module.DiffusionRecModule"
@@ -40,12 +41,18 @@ def saved_run_config(run_dir: Path) -> DictConfig:
     """The run's config; .hydra/config.yaml first, since its interpolations (data paths, mirror)
     resolve again in this session, while results.json holds the old session's resolved values."""
     hydra_cfg = run_dir / ".hydra" / "config.yaml"
-    if hydra_cfg.is_file():
-        return OmegaConf.load(hydra_cfg)
     results = run_dir / "results.json"
-    if results.is_file():
-        return OmegaConf.create(json.loads(results.read_text())["config"])
-    raise ConfigError(f"{run_dir}: no .hydra/config.yaml or results.json; pass data=<name> instead")
+    if hydra_cfg.is_file():
+        saved = OmegaConf.load(hydra_cfg)
+    elif results.is_file():
+        saved = OmegaConf.create(json.loads(results.read_text())["config"])
+    else:
+        raise ConfigError(
+            f"{run_dir}: no .hydra/config.yaml or results.json; pass data=<name> instead"
+        )
+    if "data" in saved and "source" not in saved.data:  # saved before data.source existed
+        saved.data = legacy_data_config(OmegaConf.to_container(saved.data))
+    return saved
 
 
 def complete_config(cfg: DictConfig) -> DictConfig:
@@ -155,15 +162,25 @@ def run_test(cfg: DictConfig) -> dict[str, Any]:
 
 
 def run_predict(cfg: DictConfig) -> dict[str, Any]:
+    """Top-K recommendations to parquet through ``trainer.predict`` (trainer.* sets devices and
+    precision; callbacks.progress_bar shows progress)."""
     from diffurec_lightning.predict import predict_to_parquet
+    from diffurec_lightning.train import instantiate_group, resolve_trainer_precision
 
     if not cfg.predict.get("out"):
         raise ConfigError("mode=predict needs predict.out=<file.parquet>")
     cfg, datamodule, model = setup(cfg)
-    summary = predict_to_parquet(model, datamodule, pick_device(cfg.device), **cfg.predict)
-    print(
-        f"wrote {summary['rows']} recommendations of {summary['users']} users to {summary['out']}"
+    resolve_trainer_precision(cfg)
+    # No logger: a prediction has no metrics, and the W&B run would hold nothing.
+    trainer = instantiate(
+        cfg.trainer, logger=False, callbacks=instantiate_group(cfg.get("callbacks"))
     )
+    summary = predict_to_parquet(trainer, model, datamodule, **cfg.predict)
+    if trainer.is_global_zero:
+        print(
+            f"wrote {summary['rows']} recommendations of {summary['users']} users "
+            f"to {summary['out']}"
+        )
     return {**describe(cfg, model), **summary}
 
 

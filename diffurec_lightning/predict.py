@@ -3,21 +3,32 @@
 The rows are what a serving system ingests: ``user`` and ``item`` are the dataset's original ids
 (strings), ``rank`` runs 1..K, ``score`` is the model's ranking score (for an ensemble, the
 averaged probability). By default the whole known sequence is the history (``history=full``);
-``history=test`` uses the test input instead, i.e. the last item held out.
+``history=test`` uses the test input instead, i.e. the last item held out. With
+``exclude_history`` (the default) no user is recommended an item of that history again; the
+evaluation protocol does not filter (a test target may be an item seen before).
+
+It runs as ``trainer.predict``: the Trainer brings devices, precision and the progress bar, and
+``ParquetPredictionWriter`` streams each batch into the file.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-from diffurec_lightning.analysis.files import write_parquet
+from diffurec_lightning.analysis.files import atomic_path
 from diffurec_lightning.data.store import SequenceStore, load_id_maps
 from diffurec_lightning.errors import ConfigError, DataError
 
@@ -90,71 +101,200 @@ def _names(id_map: pl.DataFrame, column: str) -> np.ndarray:
     return names
 
 
-@torch.no_grad()
-def recommend(
-    model: L.LightningModule,
-    store: SequenceStore,
-    users: np.ndarray,
-    *,
-    k: int,
-    history: str,
-    max_len: int,
-    batch_size: int,
-    device: torch.device,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(users (U,), items (U, K) dense ids, scores (U, K)) through the model's predict_step."""
-    if history not in HISTORIES:
-        raise ConfigError(
-            f"predict.history={history} is unknown; choose one of {sorted(HISTORIES)}"
-        )
-    if not 1 <= k <= store.num_items:
-        raise ConfigError(f"predict.k must lie in 1..{store.num_items}, got {k}")
-    ends = HISTORIES[history](store)
-    model.hparams.predict_k = k
-    model.to(device).eval()
-    items, scores = [], []
-    for start in range(0, len(users), batch_size):
-        chunk = users[start : start + batch_size]
-        batch = history_batch(store, chunk, ends[chunk], max_len)
-        out = model.predict_step({key: v.to(device) for key, v in batch.items()}, 0)
-        items.append(out["items"].cpu().numpy())
-        scores.append(out["scores"].float().cpu().numpy())
-    return users, np.concatenate(items), np.concatenate(scores)
+def history_items(store: SequenceStore, users: np.ndarray, ends: np.ndarray) -> torch.Tensor:
+    """(B, H) every item of each user's history up to ``ends`` (not only the last max_len),
+    right-padded with 0, the padding column, which is never recommended anyway."""
+    starts = store.offsets[users]
+    lengths = ends - starts
+    width = max(int(lengths.max(initial=0)), 1)
+    cols = np.arange(width)
+    real = cols[None, :] < lengths[:, None]
+    positions = np.where(real, starts[:, None] + cols[None, :], 0)
+    return torch.from_numpy(np.where(real, np.asarray(store.items)[positions], 0).astype(np.int64))
+
+
+class UserHistories(Dataset):
+    """The predict dataset: position i is the i-th selected user; batches come collated."""
+
+    def __init__(
+        self,
+        store: SequenceStore,
+        users: np.ndarray,
+        ends: np.ndarray,
+        max_len: int,
+        exclude_history: bool,
+    ) -> None:
+        self.store, self.users, self.ends = store, users, ends
+        self.max_len, self.exclude_history = max_len, exclude_history
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    def __getitems__(self, positions: list[int]) -> dict[str, torch.Tensor]:
+        users = self.users[np.asarray(positions, dtype=np.int64)]
+        batch = history_batch(self.store, users, self.ends[users], self.max_len)
+        if self.exclude_history:
+            batch["exclude"] = history_items(self.store, users, self.ends[users])
+        return batch
+
+
+class UserChunks(Sampler[list[int]]):
+    """Consecutive chunks of ``batch_size`` positions, in order; with several devices each rank
+    takes one contiguous run of chunks, so concatenating the ranks' outputs restores the order.
+    ``ranks()`` gives (world size, rank); it is asked when the loader is iterated, since a
+    DDP process knows its rank only once the Trainer has set up."""
+
+    def __init__(self, num: int, batch_size: int, ranks: Callable[[], tuple[int, int]]) -> None:
+        self.chunks = [(s, min(s + batch_size, num)) for s in range(0, num, batch_size)]
+        self.ranks = ranks
+
+    def mine(self) -> list[tuple[int, int]]:
+        world, rank = self.ranks()
+        return [self.chunks[i] for i in np.array_split(np.arange(len(self.chunks)), world)[rank]]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return (list(range(start, end)) for start, end in self.mine())
+
+    def __len__(self) -> int:
+        return len(self.mine())
+
+
+def _passthrough(batch: Any) -> Any:
+    return batch  # UserHistories.__getitems__ already collates
+
+
+SCHEMA = pa.schema(
+    [("user", pa.string()), ("rank", pa.int32()), ("item", pa.string()), ("score", pa.float32())]
+)
+
+
+class ParquetPredictionWriter(BasePredictionWriter):
+    """Streams predict_step's top-K to parquet, one row group per batch, in original ids.
+
+    The file is written under a temp name and renamed when the last batch is in, so a crash,
+    Ctrl-C or preemption leaves no half-written file behind (nor a stale temp). With several
+    devices every rank streams its own part, and rank zero joins the parts in rank order.
+    Excluded items (``predict.exclude_history``) carry the score -inf and are dropped: a user
+    whose history covers nearly all items gets fewer than K rows.
+    """
+
+    def __init__(
+        self, out: str | Path, user_names: np.ndarray, item_names: np.ndarray, drop_excluded: bool
+    ) -> None:
+        super().__init__(write_interval="batch")
+        self.out = Path(out)
+        self.user_names, self.item_names = user_names, item_names
+        self.drop_excluded = drop_excluded
+        self._files = ExitStack()
+        self._writer: pq.ParquetWriter | None = None
+
+    def _part_path(self, rank: int) -> Path:
+        return self.out.parent / f".{self.out.name}.part{rank}"
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.world_size == 1:
+            tmp = self._files.enter_context(atomic_path(self.out))
+        else:
+            tmp = self._files.enter_context(atomic_path(self._part_path(trainer.global_rank)))
+        self._writer = self._files.enter_context(pq.ParquetWriter(tmp, SCHEMA, compression="zstd"))
+
+    def write_on_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        prediction: dict[str, torch.Tensor],
+        batch_indices: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        users = prediction["user"].cpu().numpy()
+        items = prediction["items"].cpu().numpy()  # (B, K) dense ids
+        scores = prediction["scores"].float().cpu().numpy()  # (B, K)
+        k = items.shape[1]
+        keep = ~np.isneginf(scores).reshape(-1) if self.drop_excluded else slice(None)
+        columns = {
+            "user": self.user_names[np.repeat(users, k)][keep],
+            "rank": np.tile(np.arange(1, k + 1, dtype=np.int32), len(users))[keep],
+            "item": self.item_names[items.reshape(-1)][keep],
+            "score": scores.reshape(-1).astype(np.float32)[keep],
+        }
+        self._writer.write_table(pa.table(columns, schema=SCHEMA))
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._files.close()  # closes the writer, then renames the temp file
+        if trainer.world_size == 1:
+            return
+        trainer.strategy.barrier()  # every rank's part is complete
+        if trainer.is_global_zero:
+            parts = [self._part_path(rank) for rank in range(trainer.world_size)]
+            try:
+                with (
+                    atomic_path(self.out) as tmp,
+                    pq.ParquetWriter(tmp, SCHEMA, compression="zstd") as writer,
+                ):
+                    for part in parts:
+                        source = pq.ParquetFile(part)
+                        for group in range(source.num_row_groups):
+                            writer.write_table(source.read_row_group(group))
+            finally:
+                for part in parts:
+                    part.unlink(missing_ok=True)
+        trainer.strategy.barrier()  # the joined file exists before any rank reports it
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        # Leaving the atomic block through the exception removes the temp file unrenamed.
+        self._files.__exit__(type(exception), exception, exception.__traceback__)
 
 
 def predict_to_parquet(
+    trainer: L.Trainer,
     model: L.LightningModule,
     datamodule: Any,
-    device: torch.device,
     *,
     out: str,
     k: int = 20,
     users_file: str | None = None,
     history: str = "full",
     batch_size: int = 512,
+    exclude_history: bool = True,
 ) -> dict[str, Any]:
-    """Write the recommendations of the selected users to ``out`` (atomically)."""
+    """Write the top-K recommendations of the selected users to ``out`` through
+    ``trainer.predict`` (its devices, precision and progress bar); returns a summary."""
+    if history not in HISTORIES:
+        raise ConfigError(
+            f"predict.history={history} is unknown; choose one of {sorted(HISTORIES)}"
+        )
+    store = datamodule.store
+    if not 1 <= k <= store.num_items:
+        raise ConfigError(f"predict.k must lie in 1..{store.num_items}, got {k}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"predict.batch_size must be an integer >= 1, got {batch_size!r}")
     user_ids, item_ids = load_id_maps(datamodule.cache_dir)
     users = select_users(user_ids, read_user_file(users_file) if users_file else None)
-    users, items, scores = recommend(
-        model,
-        datamodule.store,
-        users,
-        k=k,
-        history=history,
-        max_len=datamodule.max_len,
-        batch_size=batch_size,
-        device=device,
+    dataset = UserHistories(
+        store, users, HISTORIES[history](store), datamodule.max_len, exclude_history
     )
-    user_names, item_names = _names(user_ids, "user"), _names(item_ids, "item")
-    frame = pl.DataFrame(
-        {
-            "user": np.repeat(user_names[users], k).tolist(),
-            "rank": np.tile(np.arange(1, k + 1, dtype=np.int32), len(users)),
-            "item": item_names[items.reshape(-1)].tolist(),
-            "score": scores.reshape(-1).astype(np.float32),
-        },
-        schema={"user": pl.String, "rank": pl.Int32, "item": pl.String, "score": pl.Float32},
+    loader = DataLoader(
+        dataset,
+        batch_sampler=UserChunks(
+            len(users), batch_size, lambda: (trainer.world_size, trainer.global_rank)
+        ),
+        collate_fn=_passthrough,
     )
-    write_parquet(out, frame)
-    return {"out": str(out), "users": int(len(users)), "rows": frame.height, "k": k}
+    writer = ParquetPredictionWriter(
+        out, _names(user_ids, "user"), _names(item_ids, "item"), exclude_history
+    )
+    model.hparams.predict_k = k
+    trainer.callbacks.append(writer)
+    try:
+        with warnings.catch_warnings():
+            # Lightning cannot see that UserChunks yields every position (no drop_last): it does.
+            warnings.filterwarnings("ignore", message=".*custom batch sampler `UserChunks`")
+            trainer.predict(model, dataloaders=loader, return_predictions=False)
+    finally:
+        trainer.callbacks.remove(writer)
+    rows = pq.ParquetFile(out).metadata.num_rows
+    return {"out": str(out), "users": int(len(users)), "rows": rows, "k": k}

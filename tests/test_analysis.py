@@ -297,11 +297,12 @@ def test_curve_ranks_come_back_in_the_order_asked(tmp_path: Path) -> None:
 
     from diffurec_lightning.analysis.curves import test_ranks
     from diffurec_lightning.data.datamodule import SequenceDataModule
+    from diffurec_lightning.data.sources import SyntheticSource
     from diffurec_lightning.models.diffusion_module import DiffusionRecModule
 
     datamodule = SequenceDataModule(
         name="synthetic", data_dir=str(tmp_path), max_len=10, batch_size=8, eval_batch_size=8,
-        num_users=40, num_items=30, synthetic_seed=1,
+        source=SyntheticSource(num_users=40, num_items=30, seed=1),
     )  # fmt: skip
     datamodule.setup()
     dataset = datamodule.dataset("test")

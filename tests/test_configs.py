@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.utils import instantiate
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
+from diffurec_lightning.cli import check_overrides
 from diffurec_lightning.config import CONF_DIR, compose_config
+from diffurec_lightning.errors import ConfigError
 from diffurec_lightning.train import resolve_trainer_precision
 
 
@@ -27,10 +32,53 @@ def test_every_model_config_instantiates(model: str) -> None:
 
 @pytest.mark.parametrize("data", names("data"))
 def test_every_data_config_instantiates(data: str, tmp_path: Path) -> None:
-    extra = [f"data.path={tmp_path / 'x.csv'}"] if data == "custom" else []
-    cfg = compose_config([f"data={data}", *extra])
+    extra = {"custom": [f"data.source.path={tmp_path / 'x.csv'}"], "benchmark": ["data.name=toys"]}
+    cfg = compose_config([f"data={data}", *extra.get(data, [])])
     datamodule = instantiate(cfg.data)
     assert datamodule.max_len == cfg.data.max_len
+    assert datamodule.name == cfg.data.name
+
+
+def test_benchmarks_extend_one_file() -> None:
+    """toys/beauty/ml-1m differ from benchmark.yaml in their name only."""
+
+    def resolved(*overrides: str) -> dict:
+        return OmegaConf.to_container(compose_config(list(overrides)).data, resolve=True)
+
+    base = resolved("data=benchmark", "data.name=toys")
+    for name in ("toys", "beauty", "ml-1m"):
+        data = resolved(f"data={name}")
+        assert data["source"]["name"] == data["name"] == name
+        data["name"] = data["source"]["name"] = "toys"
+        assert data == base
+
+
+def test_a_misspelt_data_key_is_an_error(tmp_path: Path) -> None:
+    """In a config file: composition stops (the typed schema); added by hand: the constructor
+    takes no such argument (no **kwargs swallowing it)."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "mine.yaml").write_text("defaults:\n  - toys\n  - _self_\nmax_lenn: 5\n")
+    with (
+        initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"),
+        pytest.raises(ConfigCompositionException, match="max_lenn"),
+    ):
+        compose("train", overrides=["data=mine", f"hydra.searchpath=[file://{tmp_path}]"])
+    cfg = compose_config(["data=toys", "+data.source.mirorr=/data"])
+    with pytest.raises(InstantiationException, match="mirorr"):
+        instantiate(cfg.data)
+    cfg = compose_config(["data=toys", "+data.max_lenn=5"])
+    with pytest.raises(InstantiationException, match="max_lenn"):
+        instantiate(cfg.data)
+
+
+@pytest.mark.parametrize(
+    "override", ["data.batch_size=abc", "trainer.max_epochs=abc", "data.bucketing=maybe"]
+)
+def test_wrong_types_fail_at_composition(override: str) -> None:
+    with pytest.raises(ConfigCompositionException, match="Error merging override"):
+        compose_config([override])
+    with pytest.raises(ConfigError, match=rf"^{re.escape(override)}: expected "):
+        check_overrides([override])
 
 
 @pytest.mark.parametrize("experiment", names("experiment"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import pickle
 import shutil
 from pathlib import Path
@@ -10,6 +12,7 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
+from hydra.utils import instantiate
 
 from diffurec_lightning.data.batching import EvalBatchSampler, TrainBatchSampler
 from diffurec_lightning.data.benchmarks import (
@@ -25,10 +28,20 @@ from diffurec_lightning.data.datasets import (
     train_samples,
     train_sequences,
 )
-from diffurec_lightning.data.prepare import prepare_dataset
 from diffurec_lightning.data.safe_pickle import safe_load
+from diffurec_lightning.data.sources import (
+    BenchmarkSource,
+    FileSource,
+    SyntheticSource,
+    legacy_data_config,
+)
 from diffurec_lightning.data.store import load_id_maps, load_store, write_cache
 from diffurec_lightning.errors import ConfigError, DataError
+
+
+def toys(mirror: Path | None = None) -> BenchmarkSource:
+    return BenchmarkSource("toys", str(mirror) if mirror else None)
+
 
 EXPECTED = {
     "toys": (19_412, 11_924, 109_361),
@@ -88,7 +101,9 @@ def test_val_and_test_samples_follow_the_protocol(data_dir: Path, mirror: Path) 
 
 def test_datamodule_yields_batches_for_every_benchmark(data_dir: Path, mirror: Path) -> None:
     for name in EXPECTED:
-        dm = SequenceDataModule(name=name, data_dir=str(data_dir), mirror=str(mirror), max_len=50)
+        dm = SequenceDataModule(
+            name=name, source=BenchmarkSource(name, str(mirror)), data_dir=str(data_dir), max_len=50
+        )
         dm.prepare_data()
         dm.setup()
         batch = next(iter(dm.train_dataloader()))
@@ -99,7 +114,7 @@ def test_datamodule_yields_batches_for_every_benchmark(data_dir: Path, mirror: P
 
 
 def test_bucketing_cuts_padding_on_toys(data_dir: Path, mirror: Path) -> None:
-    dm = SequenceDataModule(name="toys", data_dir=str(data_dir), mirror=str(mirror))
+    dm = SequenceDataModule(name="toys", source=toys(mirror), data_dir=str(data_dir))
     dm.setup()
     bucketed = dm.padding_fraction("train")
     dm.bucketing = False
@@ -129,7 +144,7 @@ def test_unknown_dataset_name(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="unknown dataset 'amazon'.*toys, beauty, ml-1m"):
         get_benchmark("amazon")
     with pytest.raises(DataError, match="unknown dataset 'amazon'"):
-        prepare_dataset({"name": "amazon"}, tmp_path)
+        BenchmarkSource("amazon").prepare(tmp_path)
 
 
 def test_damaged_cached_raw_file_is_fetched_again(tmp_path: Path, mirror: Path) -> None:
@@ -202,7 +217,7 @@ def _diffurec_dict() -> dict:
 def test_custom_pickle_is_accepted(tmp_path: Path) -> None:
     path = tmp_path / "steam.pkl"
     path.write_bytes(pickle.dumps(_diffurec_dict()))
-    cache = prepare_dataset({"name": "custom", "path": str(path)}, tmp_path / "cache")
+    cache = FileSource(str(path)).prepare(tmp_path / "cache")
     store = load_store(cache)
     assert store.sequence(1).tolist() == [2, 3, 1, 4]
     assert load_id_maps(cache)[0]["original_id"].to_list() == ["alice", "bob"]
@@ -231,10 +246,10 @@ def test_custom_pickle_structure_errors(tmp_path: Path, mutate, message: str) ->
 
 
 def test_custom_needs_a_path(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="data.path"):
-        prepare_dataset({"name": "custom", "path": None}, tmp_path)
+    with pytest.raises(DataError, match="data.source.path"):
+        FileSource(None).prepare(tmp_path)
     with pytest.raises(DataError, match="file not found"):
-        prepare_dataset({"name": "custom", "path": str(tmp_path / "x.csv")}, tmp_path)
+        FileSource(str(tmp_path / "x.csv")).prepare(tmp_path)
 
 
 # -- samples from a hand-written store ------------------------------------------------------
@@ -293,7 +308,7 @@ def test_datamodule_train_samples_and_protocol_options(
     tmp_path: Path, data_dir: Path, mirror: Path
 ) -> None:
     dm = SequenceDataModule(
-        name="toys", data_dir=str(data_dir), mirror=str(mirror), train_samples="sequences"
+        name="toys", source=toys(mirror), data_dir=str(data_dir), train_samples="sequences"
     )
     dm.setup()
     batch = next(iter(dm.train_dataloader()))
@@ -301,11 +316,11 @@ def test_datamodule_train_samples_and_protocol_options(
     assert len(dm.dataset("train")) == int((load_store(dm.cache_dir).lengths >= 4).sum())
     for key, value in (("train_samples", "windows"), ("protocol", "leave-one-out")):
         with pytest.raises(ConfigError, match=f"data.{key} must be one of"):
-            SequenceDataModule(name="toys", data_dir=str(tmp_path), **{key: value})
+            SequenceDataModule(name="toys", source=toys(), data_dir=str(tmp_path), **{key: value})
 
 
 def test_refit_training_set_and_unchanged_test_inputs(data_dir: Path, mirror: Path) -> None:
-    options = {"name": "toys", "data_dir": str(data_dir), "mirror": str(mirror)}
+    options = {"name": "toys", "source": toys(mirror), "data_dir": str(data_dir)}
     standard = SequenceDataModule(**options)
     refit = SequenceDataModule(**options, protocol="refit")
     standard.setup()
@@ -335,7 +350,7 @@ def test_max_len_must_be_positive(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="max_len must be >= 1"):
         train_prefixes(store, max_len=0)
     with pytest.raises(ConfigError, match="max_len must be an integer >= 1"):
-        SequenceDataModule(name="toys", data_dir=str(tmp_path), max_len=0)
+        SequenceDataModule(name="toys", source=toys(), data_dir=str(tmp_path), max_len=0)
 
 
 def test_write_cache_rejects_bad_sequences_and_leaves_nothing(tmp_path: Path) -> None:
@@ -392,3 +407,41 @@ def test_removed_cache_copy_is_prepared_again(tmp_path: Path, mirror: Path) -> N
     cache = prepare_benchmark("beauty", tmp_path, mirror)
     shutil.rmtree(cache)
     assert load_store(prepare_benchmark("beauty", tmp_path, mirror)).num_users == 22_363
+
+
+def test_sources_keep_the_cache_folders_of_before(tmp_path: Path) -> None:
+    """The cache keys of the flat data config that came before data.source: existing caches
+    stay valid."""
+    clicks = tmp_path / "clicks.csv"
+    clicks.write_text("user_id,item_id,timestamp\n")
+    stat = clicks.stat()
+    options = {"format": "auto", "user_col": "user_id", "item_col": "item_id",
+               "time_col": "timestamp", "rating_col": None, "min_rating": None,
+               "separator": None, "k_core": 5}  # fmt: skip
+    key = {
+        **options,
+        "path": str(clicks.resolve()),
+        "size": stat.st_size,
+        "mtime": stat.st_mtime_ns,
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    assert FileSource(str(clicks)).cache_dir(tmp_path) == tmp_path / f"custom-clicks-{digest}"
+    cache = SyntheticSource(num_users=30, num_items=20, seed=2).prepare(tmp_path)
+    assert cache == tmp_path / "synthetic-u30-i20-s2"
+
+
+def test_data_configs_saved_before_sources_still_load() -> None:
+    old = {"_target_": "diffurec_lightning.data.datamodule.SequenceDataModule", "max_len": 50}
+    toys = legacy_data_config({**old, "name": "toys", "mirror": "/m"})
+    assert toys["source"] == {
+        "_target_": "diffurec_lightning.data.sources.BenchmarkSource", "name": "toys",
+        "mirror": "/m",
+    }  # fmt: skip
+    assert "mirror" not in toys and toys["max_len"] == 50
+    custom = legacy_data_config({**old, "name": "custom", "path": "x.csv", "k_core": 3})
+    assert instantiate(custom["source"]) == FileSource("x.csv", k_core=3)
+    synthetic = legacy_data_config(
+        {**old, "name": "synthetic", "num_items": 9, "synthetic_seed": 4}
+    )
+    assert instantiate(synthetic["source"]) == SyntheticSource(num_items=9, seed=4)
+    assert legacy_data_config(toys) == toys  # already in the new form

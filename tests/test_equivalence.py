@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from diffurec_lightning.data.datamodule import SequenceDataModule
+from diffurec_lightning.data.sources import SyntheticSource
 from diffurec_lightning.diffusion.noise import user_seed
 from diffurec_lightning.models import diffusion_module, functional
 from diffurec_lightning.models.diffusion_module import DiffusionRecModule
@@ -48,9 +49,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> SequenceDataModule:
         max_len=MAX_LEN,
         batch_size=24,
         eval_batch_size=16,
-        num_users=48,
-        num_items=NUM_ITEMS,
-        synthetic_seed=3,
+        source=SyntheticSource(num_users=48, num_items=NUM_ITEMS, seed=3),
     )
     datamodule.setup()
     return datamodule

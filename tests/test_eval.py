@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import struct
@@ -10,8 +12,10 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import lightning as L
 import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 import pytest
 import torch
 from omegaconf import open_dict
@@ -55,11 +59,15 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """One short synthetic training run (with the case studies); its results.json."""
     torch.set_num_threads(1)
     home = tmp_path_factory.mktemp("home")
-    with pytest.MonkeyPatch.context() as mp:
+    # With the progress bar on, every batch reported: stdout is captured, so not a terminal.
+    quiet = {"++trainer.enable_progress_bar=false", "callbacks.progress_bar=null"}
+    overrides = [o for o in TINY if o not in quiet] + ["callbacks.progress_bar.interval_s=0"]
+    log = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(log):
         mp.setenv("DIFFUREC_HOME", str(home))
         mp.setenv("DIFFUREC_DATA_DIR", str(home / "data"))
-        results = train(compose_config([f"paths.output_dir={home / 'run'}", *TINY]))
-    return {**results, "home": home, "run_dir": home / "run"}
+        results = train(compose_config([f"paths.output_dir={home / 'run'}", *overrides]))
+    return {**results, "home": home, "run_dir": home / "run", "stdout": log.getvalue()}
 
 
 def eval_config(trained: dict, out: Path, *overrides: str):
@@ -69,7 +77,6 @@ def eval_config(trained: dict, out: Path, *overrides: str):
             f"paths.output_dir={out}",
             "logger=csv",
             "trainer=cpu",
-            "++trainer.enable_progress_bar=false",
             "callbacks.representation.num_users=60",
             *overrides,
         ],
@@ -96,7 +103,7 @@ def test_eval_command_reproduces_the_test_metrics(trained: dict, tmp_path: Path)
     out = tmp_path / "eval"
     command = [
         sys.executable, "-m", "diffurec_lightning.eval", f"ckpt_path={trained['best_checkpoint']}",
-        "logger=csv", "trainer=cpu", "++trainer.enable_progress_bar=false",
+        "logger=csv", "trainer=cpu", "callbacks.progress_bar=null",
         "callbacks.representation.num_users=60", f"hydra.run.dir={out}",
     ]  # fmt: skip
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -118,7 +125,7 @@ def test_eval_changes_hyperparameters_and_reports_bad_input(trained: dict, tmp_p
     with pytest.raises(ConfigError, match="no such checkpoint"):
         complete_config(eval_config(trained, tmp_path / "b", "ckpt_path=/nope.ckpt"))
     with pytest.raises(ConfigError, match="trained on 60 items"):
-        setup(eval_config(trained, tmp_path / "c", "data=synthetic", "data.num_items=70"))
+        setup(eval_config(trained, tmp_path / "c", "data=synthetic", "data.source.num_items=70"))
     with pytest.raises(ConfigError, match="mode=bogus"):
         evaluate(eval_config(trained, tmp_path / "d", "mode=bogus"))
 
@@ -132,6 +139,13 @@ def renamed_copy(cache_dir: Path, target: Path) -> tuple[Path, list[str], list[s
     return write_cache(target, sequences, users, items, {"name": "renamed"}), users, items
 
 
+def cpu_trainer(*callbacks: L.Callback) -> L.Trainer:
+    return L.Trainer(
+        accelerator="cpu", devices=1, logger=False, callbacks=list(callbacks),
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+
+
 def test_predict_writes_original_ids(trained: dict, tmp_path: Path) -> None:
     cfg, datamodule, model = setup(eval_config(trained, tmp_path / "p", "mode=predict"))
     cache, user_names, item_names = renamed_copy(datamodule.cache_dir, tmp_path / "renamed")
@@ -140,12 +154,13 @@ def test_predict_writes_original_ids(trained: dict, tmp_path: Path) -> None:
     (tmp_path / "users.txt").write_text("user-0007\nuser-0002\n")
     out = tmp_path / "recs.parquet"
     summary = predict_to_parquet(
+        cpu_trainer(),
         model,
         fake_dm,
-        torch.device("cpu"),
         out=str(out),
         k=5,
         users_file=str(tmp_path / "users.txt"),
+        exclude_history=False,
     )
     assert summary == {"out": str(out), "users": 2, "rows": 10, "k": 5}
     frame = pl.read_parquet(out)
@@ -165,8 +180,109 @@ def test_predict_writes_original_ids(trained: dict, tmp_path: Path) -> None:
     with pytest.raises(DataError, match="not in the dataset"):
         (tmp_path / "bad.txt").write_text("nobody\n")
         predict_to_parquet(
-            model, fake_dm, torch.device("cpu"), out=str(out), users_file=str(tmp_path / "bad.txt")
+            cpu_trainer(), model, fake_dm, out=str(out), users_file=str(tmp_path / "bad.txt")
         )
+
+
+@torch.no_grad()
+def direct_predictions(model: L.LightningModule, store, max_len: int, k: int) -> pl.DataFrame:
+    """What `make predict` wrote before it ran through the Trainer: the model's predict_step on
+    every user's full history, 512 users at a time, named like the synthetic ids."""
+    model.hparams.predict_k = k
+    users = np.arange(store.num_users)
+    items, scores = [], []
+    for start in range(0, len(users), 512):
+        chunk = users[start : start + 512]
+        out = model.predict_step(history_batch(store, chunk, store.offsets[1:][chunk], max_len), 0)
+        items.append(out["items"].numpy())
+        scores.append(out["scores"].float().numpy())
+    items, scores = np.concatenate(items), np.concatenate(scores)
+    return pl.DataFrame(
+        {
+            "user": np.repeat(users.astype(str), k).tolist(),
+            "rank": np.tile(np.arange(1, k + 1, dtype=np.int32), len(users)),
+            "item": items.reshape(-1).astype(str).tolist(),  # synthetic item i is named "i"
+            "score": scores.reshape(-1).astype(np.float32),
+        },
+        schema={"user": pl.String, "rank": pl.Int32, "item": pl.String, "score": pl.Float32},
+    )
+
+
+def test_predict_mode_equals_the_direct_output_and_reports_progress(
+    trained: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "same.parquet"
+    cfg = eval_config(
+        trained, tmp_path / "e", "mode=predict", f"predict.out={out}", "predict.batch_size=128",
+        "predict.exclude_history=false", "callbacks.progress_bar.interval_s=0",
+    )  # fmt: skip
+    result = evaluate(cfg)
+    _, datamodule, model = setup(eval_config(trained, tmp_path / "s"))
+    expected = direct_predictions(model, datamodule.store, datamodule.max_len, k=20)
+    assert pl.read_parquet(out).equals(expected)  # batch size and Trainer change nothing
+    assert result["rows"] == 400 * 20 and pq.ParquetFile(out).num_row_groups == 4  # one per batch
+    # stdout is not a terminal here: plain lines, one per batch with interval_s=0.
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" ")[1] for line in lines if line.startswith("Predicting:")] == [
+        "0/4", "1/4", "2/4", "3/4", "4/4", "4/4"
+    ]  # fmt: skip
+
+
+def test_predict_excludes_the_history(trained: dict, tmp_path: Path) -> None:
+    full = tmp_path / "full.parquet"
+    kept = tmp_path / "kept.parquet"
+    evaluate(eval_config(trained, tmp_path / "a", "mode=predict", f"predict.out={full}",
+                         "predict.k=60", "predict.exclude_history=false"))  # fmt: skip
+    result = evaluate(eval_config(trained, tmp_path / "b", "mode=predict", f"predict.out={kept}"))
+    assert result["rows"] == 400 * 20  # histories hold at most 16 of the 60 items
+    _, datamodule, _ = setup(eval_config(trained, tmp_path / "s"))
+    store = datamodule.store
+    ranking = dict(pl.read_parquet(full).group_by("user").agg("item").iter_rows())
+    filtered = dict(pl.read_parquet(kept).group_by("user").agg("item").iter_rows())
+    for user in range(400):
+        history = {str(item) for item in store.sequence(user)}
+        # The full ranking with the history taken out: nothing else moves.
+        assert filtered[str(user)] == [i for i in ranking[str(user)] if i not in history][:20]
+
+
+def test_predict_on_two_processes_writes_the_same_file(trained: dict, tmp_path: Path) -> None:
+    """DDP on two CPU processes: each rank streams its share, rank zero joins them in order."""
+    env = {**os.environ, "DIFFUREC_HOME": str(trained["home"]), "OMP_NUM_THREADS": "1"}
+    env["DIFFUREC_DATA_DIR"] = str(trained["home"] / "data")
+    out = tmp_path / "ddp.parquet"
+    command = [
+        sys.executable, "-m", "diffurec_lightning.eval", f"ckpt_path={trained['best_checkpoint']}",
+        "mode=predict", f"predict.out={out}", "predict.batch_size=64",
+        "predict.exclude_history=false", "trainer=ddp", "trainer.accelerator=cpu",
+        "trainer.devices=2", "logger=csv", f"hydra.run.dir={tmp_path / 'run'}",
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    _, datamodule, model = setup(eval_config(trained, tmp_path / "s"))
+    expected = direct_predictions(model, datamodule.store, datamodule.max_len, k=20)
+    assert pl.read_parquet(out).equals(expected)
+    assert pq.ParquetFile(out).num_row_groups == 7  # 400 users in batches of 64
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no parts left
+    assert "Predicting: 4/4 (100%)" in done.stdout  # rank zero's share, as plain lines
+
+
+class FailAt(L.Callback):
+    """A crash after some batches were already streamed into the file."""
+
+    def on_predict_batch_end(self, trainer: L.Trainer, *args: object, **kwargs: object) -> None:
+        if trainer.predict_loop.batch_progress.current.completed >= 1:
+            raise RuntimeError("disk full")
+
+
+def test_failed_predict_leaves_nothing_half_written(trained: dict, tmp_path: Path) -> None:
+    _, datamodule, model = setup(eval_config(trained, tmp_path / "s"))
+    out = tmp_path / "recs" / "recs.parquet"
+    out.parent.mkdir()
+    out.write_bytes(b"the previous, complete file")
+    with pytest.raises(RuntimeError, match="disk full"):
+        predict_to_parquet(cpu_trainer(FailAt()), model, datamodule, out=str(out), batch_size=64)
+    assert out.read_bytes() == b"the previous, complete file"
+    assert [p.name for p in out.parent.iterdir()] == ["recs.parquet"]  # no temp file is left
 
 
 def test_predict_mode_for_every_user(trained: dict, tmp_path: Path) -> None:
@@ -185,7 +301,19 @@ def test_predict_mode_for_every_user(trained: dict, tmp_path: Path) -> None:
         evaluate(eval_config(trained, tmp_path / "r", "mode=predict"))
 
 
-def test_curves_over_steps_and_ensembles(trained: dict, tmp_path: Path) -> None:
+def test_training_progress_is_plain_lines_off_a_terminal(trained: dict) -> None:
+    """Every stage of the training run reports, each with a start and a final line."""
+    lines = trained["stdout"].splitlines()
+    for stage in ("Training epoch 0", "Training epoch 1", "Validation", "Testing"):
+        mine = [line for line in lines if line.startswith(f"{stage}: ")]
+        assert mine and " 0/" in mine[0] and "(100%)" in mine[-1], (stage, mine[:2], mine[-1:])
+    final = [line for line in lines if line.startswith("Training epoch 1: ")][-1]
+    assert "train/loss=" in final
+
+
+def test_curves_over_steps_and_ensembles(
+    trained: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     out = tmp_path / "curves"
     cfg = eval_config(
         trained, out, "mode=curves", "curves.steps=[1,2,4]", "curves.ensemble_sizes=[1,2]",
@@ -202,6 +330,10 @@ def test_curves_over_steps_and_ensembles(trained: dict, tmp_path: Path) -> None:
     assert rows[2]["same_rank"] == rows[3]["same_rank"] == 1.0  # the reference itself
     assert png_size(out / "curves.png") == (1000, 400)
     assert "| ensemble | 4 | 2 |" in (out / "curves.md").read_text()
+    # Off a terminal, every measured setting reports its batches as plain lines.
+    printed = capsys.readouterr().out
+    for label in ("1 steps, ensemble 1", "4 steps, ensemble 1", "4 steps, ensemble 2"):
+        assert f"curves: {label}: 1/1 (100%)" in printed
     with pytest.raises(ConfigError, match="outside 1..4"):
         evaluate(eval_config(trained, tmp_path / "x", "mode=curves", "curves.steps=[8]"))
 

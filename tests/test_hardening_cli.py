@@ -106,15 +106,15 @@ CASES = {
         TRAIN, [*RUN, "train=false", "ckpt_path={root}/truncated.ckpt"], "not a readable"
     ),
     "train-resume-missing": (TRAIN, [*RUN, "ckpt_path={root}/gone.ckpt"], "no such checkpoint"),
-    "custom-without-path": (TRAIN, ["data=custom"], "data=custom needs data.path=<file>"),
+    "custom-without-path": (TRAIN, ["data=custom"], "data=custom needs data.source.path=<file>"),
     "prepare-bogus": (PREPARE, ["data=bogus"], "data=bogus: no such option; choose one of: beauty"),
     "prepare-misspelt": (PREPARE, ["data.max_lenn=5"], "data.max_lenn: no such setting"),
     "train-misspelt": (TRAIN, ["data.max_lenn=5"], "(did you mean max_len?)"),
     "train-bogus": (TRAIN, ["model=bogus"], "model=bogus: no such option"),
     "seed": (TRAIN, ["seed=abc"], "seed=abc: expected an integer"),
     "k-core": (
-        TRAIN, ["data=custom", "data.path={root}/clicks.csv", "data.k_core=abc"],
-        "data.k_core=abc: expected an integer",
+        TRAIN, ["data=custom", "data.source.path={root}/clicks.csv", "data.source.k_core=abc"],
+        "data.source.k_core=abc: expected an integer",
     ),
     "lr": (TRAIN, ["model.lr=abc"], "model.lr=abc: expected a number"),
     "epochs-float": (TRAIN, ["trainer.max_epochs=2.5"], "trainer.max_epochs=2.5: expected an integer"),

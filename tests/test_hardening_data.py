@@ -98,7 +98,7 @@ def clicks(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def start_import(clicks: Path, data_dir: Path) -> subprocess.Popen:
     argv = [sys.executable, "-m", "diffurec_lightning.data.prepare", "data=custom"]
-    argv += [f"data.path={clicks}", f"paths.data_dir={data_dir}"]
+    argv += [f"data.source.path={clicks}", f"paths.data_dir={data_dir}"]
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -205,7 +205,7 @@ def assert_one_line(error: pytest.ExceptionInfo[DataError], *fragments: str) -> 
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(DataError) as error:
         im.import_interactions(tmp_path / "nope.csv", tmp_path / "cache")
-    assert_one_line(error, "nope.csv", "file not found", "data.path")
+    assert_one_line(error, "nope.csv", "file not found", "data.source.path")
 
 
 def test_missing_columns_lists_what_exists(tmp_path: Path) -> None:
@@ -213,7 +213,7 @@ def test_missing_columns_lists_what_exists(tmp_path: Path) -> None:
     with pytest.raises(DataError) as error:
         im.import_interactions(path, tmp_path / "cache", user_col="uid")
     assert_one_line(error, "log.csv", "['item_id', 'timestamp'] not found", "['uid', 'iid', 'ts']")
-    assert "data.item_col='item_id'" in str(error.value)
+    assert "data.source.item_col='item_id'" in str(error.value)
 
 
 def test_unparseable_timestamp_names_column_and_value(tmp_path: Path) -> None:
@@ -249,7 +249,9 @@ def test_empty_after_kcore(tmp_path: Path) -> None:
     path = write(tmp_path / "log.csv", SMALL)
     with pytest.raises(DataError) as error:
         im.import_interactions(path, tmp_path / "cache")
-    assert_one_line(error, "log.csv", "no users left after 5-core filtering; lower data.k_core")
+    assert_one_line(
+        error, "log.csv", "no users left after 5-core filtering; lower data.source.k_core"
+    )
 
 
 def test_empty_file(tmp_path: Path) -> None:
@@ -269,7 +271,7 @@ def test_unknown_format(tmp_path: Path, name: str, format: str) -> None:
 
 def test_bad_options(tmp_path: Path) -> None:
     path = write(tmp_path / "log.csv", SMALL)
-    with pytest.raises(DataError, match="min_rating=4 needs data.rating_col"):
+    with pytest.raises(DataError, match="min_rating=4 needs data.source.rating_col"):
         im.import_interactions(path, tmp_path / "cache", min_rating=4)
     with pytest.raises(DataError, match="single character"):
         im.import_interactions(path, tmp_path / "cache", separator="::")

@@ -27,6 +27,7 @@ from diffurec_lightning.analysis.groups import metrics_from_ranks
 from diffurec_lightning.errors import ConfigError
 from diffurec_lightning.metrics import target_ranks
 from diffurec_lightning.models.base import DiffusionRecommender
+from diffurec_lightning.progress import track
 
 CURVE_METRICS = ("hr@10", "ndcg@10", "hr@20", "ndcg@20")
 
@@ -46,13 +47,15 @@ def test_ranks(
     batch_size: int,
     device: torch.device,
     steps: int | None = None,
+    description: str = "test users",
 ) -> np.ndarray:
     """1-based target ranks of the selected test samples (in the order given), running ``steps``
     reverse steps. Users are batched by history length, as validation is: a random sample padded
-    to its longest history would be mostly padding."""
+    to its longest history would be mostly padding. Progress is shown as ``description``."""
     order = np.argsort(dataset.lengths[indices], kind="stable")
     ranks = []
-    for start in range(0, len(indices), batch_size):
+    starts = range(0, len(indices), batch_size)
+    for start in track(starts, len(starts), description):
         batch = dataset.__getitems__(indices[order[start : start + batch_size]].tolist())
         batch = {key: value.to(device) for key, value in batch.items()}
         scores = model.eval_scores(batch, steps=steps)
@@ -92,7 +95,8 @@ def inference_curves(
         if (num, members) not in cache:
             model.hparams.ensemble_size = members
             started = time.perf_counter()
-            ranks = test_ranks(model, dataset, indices, batch_size, device, num)
+            label = f"curves: {num} steps, ensemble {members}"
+            ranks = test_ranks(model, dataset, indices, batch_size, device, num, label)
             cache[num, members] = (ranks, time.perf_counter() - started)
         return cache[num, members]
 

@@ -7,27 +7,36 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 
 
-def write_atomic(path: str | Path, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` and rename the result onto ``path`` (removed again on failure)."""
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[str]:
+    """A temp file beside ``path`` to write into; renamed onto ``path`` when the block ends
+    normally, removed when it raises (so a reader never sees a half-written file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        write(tmp)
+        yield tmp
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are meant to be shared
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    return path
+
+
+def write_atomic(path: str | Path, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp_path)`` and rename the result onto ``path`` (removed again on failure)."""
+    with atomic_path(path) as tmp:
+        write(tmp)
+    return Path(path)
 
 
 def json_ready(value: Any) -> Any:

@@ -2,7 +2,7 @@
 
 The files are the DiffuRec repository's preprocessed pickles (5-core, chronological
 leave-one-out). They are fetched from GitHub, or copied from a local mirror folder laid out like
-``<mirror>/<name>/dataset.pkl`` (the ``DIFFUREC_DATA_MIRROR`` variable or ``data.mirror``), then
+``<mirror>/<name>/dataset.pkl`` (the ``DIFFUREC_DATA_MIRROR`` variable or ``data.source.mirror``), then
 checked against the SHA-256 below before the restricted unpickler ever sees them.
 """
 
@@ -60,7 +60,7 @@ def get_benchmark(name: str) -> Benchmark:
     except KeyError:
         raise DataError(
             f"unknown dataset '{name}'; choose one of: {', '.join(BENCHMARKS)} "
-            "(or data=custom data.path=<your file>)"
+            "(or data=custom data.source.path=<your file>)"
         ) from None
 
 

@@ -16,7 +16,7 @@ from diffurec_lightning.data.datasets import (
     eval_samples,
     train_samples,
 )
-from diffurec_lightning.data.prepare import prepare_dataset
+from diffurec_lightning.data.sources import DataSource
 from diffurec_lightning.data.store import SequenceStore, load_store, read_meta
 from diffurec_lightning.errors import ConfigError
 
@@ -31,7 +31,8 @@ def _passthrough(batch: Any) -> Any:
 
 
 class SequenceDataModule(L.LightningDataModule):
-    """Sequences of one dataset (benchmark name or ``custom`` with ``path``).
+    """Sequences of one dataset: ``source`` (data/sources.py) prepares its cache folder, ``name``
+    labels it in run names and reports.
 
     ``train_samples``: ``prefixes`` (one target per sample) or ``sequences`` (a target at every
     position, for per-position objectives). ``protocol``: ``standard`` or ``refit`` (the
@@ -42,6 +43,7 @@ class SequenceDataModule(L.LightningDataModule):
         self,
         *,
         name: str,
+        source: DataSource,
         data_dir: str,
         max_len: int = 50,
         batch_size: int = 512,
@@ -49,10 +51,8 @@ class SequenceDataModule(L.LightningDataModule):
         bucketing: bool = True,
         num_workers: int = 0,
         seed: int = 0,
-        mirror: str | None = None,
         train_samples: str = "prefixes",
         protocol: str = "standard",
-        **import_options: Any,
     ) -> None:
         super().__init__()
         if train_samples not in TRAIN_SAMPLES:
@@ -71,7 +71,13 @@ class SequenceDataModule(L.LightningDataModule):
             raise ConfigError(
                 f"data.eval_batch_size must be an integer >= 1, got {eval_batch_size!r}"
             )
-        self.data_cfg = {"name": name, "mirror": mirror, **import_options}
+        if not callable(getattr(source, "prepare", None)):
+            raise ConfigError(
+                f"data.source must be a data source with prepare(), e.g. {{_target_: "
+                f"diffurec_lightning.data.sources.BenchmarkSource, name: toys}}; got {source!r}"
+            )
+        self.name = name
+        self.source = source
         self.data_dir = Path(data_dir)
         self.max_len = max_len
         self.batch_size = batch_size
@@ -87,13 +93,13 @@ class SequenceDataModule(L.LightningDataModule):
 
     # -- preparation ---------------------------------------------------------------------
     def prepare_data(self) -> None:
-        self.cache_dir = prepare_dataset(self.data_cfg, self.data_dir)
+        self.cache_dir = self.source.prepare(self.data_dir)
 
     def setup(self, stage: str | None = None) -> None:
         if self.store is not None:
             return
         # Other ranks did not run prepare_data; resolving the folder again is cheap when cached.
-        self.cache_dir = prepare_dataset(self.data_cfg, self.data_dir)
+        self.cache_dir = self.source.prepare(self.data_dir)
         self.store = load_store(self.cache_dir)
         self._datasets = {
             "train": train_samples(

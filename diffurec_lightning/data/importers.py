@@ -47,12 +47,12 @@ def resolve_format(path: Path, format: str) -> str:
         if path.suffix.lower() in SUFFIX_FORMATS:
             return SUFFIX_FORMATS[path.suffix.lower()]
         raise DataError(
-            f"{path}: cannot tell the format from the suffix {path.suffix!r}; set data.format to "
+            f"{path}: cannot tell the format from the suffix {path.suffix!r}; set data.source.format to "
             f"one of {list(FORMATS)} (known suffixes: {', '.join(SUFFIX_FORMATS)})"
         )
     if format not in FORMATS:
         raise DataError(
-            f"{path}: unknown data.format {format!r}; use 'auto' or one of {list(FORMATS)}"
+            f"{path}: unknown data.source.format {format!r}; use 'auto' or one of {list(FORMATS)}"
         )
     return format
 
@@ -62,17 +62,19 @@ def resolve_separator(path: Path, format: str, separator: str | None) -> str | N
     if format == "parquet":
         if separator is not None:
             raise DataError(
-                f"{path}: data.separator does not apply to parquet files; set it to null"
+                f"{path}: data.source.separator does not apply to parquet files; set it to null"
             )
         return None
     # "\t" typed on a command line arrives as backslash + t.
     separator = DEFAULT_SEPARATORS[format] if separator is None else separator.replace("\\t", "\t")
     if not separator:
-        raise DataError(f"{path}: data.separator is empty; give the character between fields")
+        raise DataError(
+            f"{path}: data.source.separator is empty; give the character between fields"
+        )
     if format != "movielens" and len(separator.encode()) != 1:
         raise DataError(
-            f"{path}: data.separator {separator!r} must be a single character for {format} files; "
-            "use data.format=movielens for '::'-style multi-character separators"
+            f"{path}: data.source.separator {separator!r} must be a single character for {format} files; "
+            "use data.source.format=movielens for '::'-style multi-character separators"
         )
     return separator
 
@@ -129,8 +131,8 @@ def scan_raw(path: Path, format: str, separator: str | None) -> pl.LazyFrame:
 def _read_error(path: Path, format: str, error: Exception) -> DataError:
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return DataError(
-        f"{path}: cannot read it as a {format} file ({first_line}); check data.format and "
-        "data.separator (text files must be UTF-8)"
+        f"{path}: cannot read it as a {format} file ({first_line}); check data.source.format and "
+        "data.source.separator (text files must be UTF-8)"
     )
 
 
@@ -144,10 +146,10 @@ def check_columns(
         raise _read_error(path, format, error) from error
     missing = {key: col for key, col in wanted.items() if col is not None and col not in present}
     if missing:
-        keys = ", ".join(f"data.{key}={col!r}" for key, col in missing.items())
-        hint = " (or data.time_col=null to keep file order)" if "time_col" in missing else ""
+        keys = ", ".join(f"data.source.{key}={col!r}" for key, col in missing.items())
+        hint = " (or data.source.time_col=null to keep file order)" if "time_col" in missing else ""
         if len(present) == 1:
-            hint += "; only one column was found, so data.separator may be wrong"
+            hint += "; only one column was found, so data.source.separator may be wrong"
         raise DataError(
             f"{path}: column(s) {sorted(set(missing.values()))} not found; the file has {present}; "
             f"fix {keys}{hint}"
@@ -168,16 +170,16 @@ def _describe_problem(path: Path, row: dict, columns: dict[str, str | None]) -> 
         if row[name] is None:
             return (
                 f"{path}: empty {columns[key]!r} in {where}; every row needs one "
-                "(check data.separator)"
+                "(check data.source.separator)"
             )
     if row.get(pp.BAD_TIME) is not None:
         return (
             f"{path}: cannot parse {row[pp.BAD_TIME]!r} in column {columns['time_col']!r} ({where}) "
-            "as a timestamp like the first rows; fix the file or set data.time_col=null"
+            "as a timestamp like the first rows; fix the file or set data.source.time_col=null"
         )
     return (
         f"{path}: cannot parse {row[pp.BAD_RATING]!r} in column {columns['rating_col']!r} ({where}) "
-        "as a number; fix the file or set data.rating_col=null"
+        "as a number; fix the file or set data.source.rating_col=null"
     )
 
 
@@ -204,10 +206,12 @@ def _stage_interactions(
 
 def _check_core(path: Path, core: pp.KCore, k_core: int) -> None:
     if core.input_interactions == 0:
-        raise DataError(f"{path}: no interactions to import; check the file and data.min_rating")
+        raise DataError(
+            f"{path}: no interactions to import; check the file and data.source.min_rating"
+        )
     if core.users.height == 0:
         if k_core >= MIN_SEQUENCE_LENGTH:
-            reason = f"after {k_core}-core filtering; lower data.k_core"
+            reason = f"after {k_core}-core filtering; lower data.source.k_core"
         else:
             reason = f"with the {MIN_SEQUENCE_LENGTH} interactions a leave-one-out split needs"
         raise DataError(
@@ -309,14 +313,16 @@ def _check_arguments(
     path: Path, rating_col: str | None, min_rating: float | None, k_core: int
 ) -> None:
     if not path.is_file():
-        raise DataError(f"{path}: file not found; set data.path to an existing interaction file")
+        raise DataError(
+            f"{path}: file not found; set data.source.path to an existing interaction file"
+        )
     if min_rating is not None and rating_col is None:
         raise DataError(
-            f"{path}: data.min_rating={min_rating} needs data.rating_col (the column to compare)"
+            f"{path}: data.source.min_rating={min_rating} needs data.source.rating_col (the column to compare)"
         )
     if k_core < 0:
         raise DataError(
-            f"{path}: data.k_core={k_core} must be >= 0 (0 or 1 turns k-core filtering off)"
+            f"{path}: data.source.k_core={k_core} must be >= 0 (0 or 1 turns k-core filtering off)"
         )
 
 

@@ -53,7 +53,7 @@ def infer_time_kind(sample: pl.Series, column: str, source: str) -> str:
     if sample.dtype != pl.String:
         raise DataError(
             f"{source}: column {column!r} has type {sample.dtype}; a time column must hold numbers, "
-            "datetimes or text (or set data.time_col=null to keep file order)"
+            "datetimes or text (or set data.source.time_col=null to keep file order)"
         )
     values = sample.drop_nulls().str.strip_chars()
     for kind in ("integer", "float", "datetime"):
@@ -63,7 +63,7 @@ def infer_time_kind(sample: pl.Series, column: str, source: str) -> str:
     bad = values.filter(parsed.is_null())[0]
     raise DataError(
         f"{source}: cannot parse {bad!r} in column {column!r} as a timestamp; use epoch numbers or "
-        "datetimes such as 2020-01-31 12:00:00 (or set data.time_col=null to keep file order)"
+        "datetimes such as 2020-01-31 12:00:00 (or set data.source.time_col=null to keep file order)"
     )
 
 

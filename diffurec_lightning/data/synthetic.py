@@ -27,10 +27,10 @@ def synthetic_sequences(
 
 
 def prepare_synthetic(
-    data_dir: Path, num_users: int = 400, num_items: int = 60, seed: int = 0
+    data_dir: Path, num_users: int = 400, num_items: int = 60, seed: int = 0, force: bool = False
 ) -> Path:
     cache_dir = Path(data_dir) / f"synthetic-u{num_users}-i{num_items}-s{seed}"
-    if is_cached(cache_dir):
+    if not force and is_cached(cache_dir):
         return cache_dir
     sequences = synthetic_sequences(num_users, num_items, seed=seed)
     frame = pl.DataFrame(

@@ -147,6 +147,8 @@ class RecommenderModule(L.LightningModule):
 
     def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor]:
         scores = F.pad(self.eval_scores(batch), (1, 0), value=float("-inf"))
+        if "exclude" in batch:  # (B, H) items not to recommend (predict.exclude_history), 0 = pad
+            scores = scores.scatter(1, batch["exclude"], float("-inf"))
         values, items = top_k_items(scores, self.hparams.predict_k)
         return {"user": batch["user"], "items": items, "scores": values}
 
