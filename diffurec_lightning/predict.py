@@ -110,13 +110,12 @@ def recommend(
     if not 1 <= k <= store.num_items:
         raise ConfigError(f"predict.k must lie in 1..{store.num_items}, got {k}")
     ends = HISTORIES[history](store)
-    model.hparams.predict_k = k
     model.to(device).eval()
     items, scores = [], []
     for start in range(0, len(users), batch_size):
         chunk = users[start : start + batch_size]
         batch = history_batch(store, chunk, ends[chunk], max_len)
-        out = model.predict_step({key: v.to(device) for key, v in batch.items()}, 0)
+        out = model.predict_step({key: v.to(device) for key, v in batch.items()}, 0, k=k)
         items.append(out["items"].cpu().numpy())
         scores.append(out["scores"].float().cpu().numpy())
     return users, np.concatenate(items), np.concatenate(scores)

@@ -13,7 +13,12 @@ from diffurec_lightning.config import compose_config
 from diffurec_lightning.errors import ConfigError
 from diffurec_lightning.train import train
 
-TINY = ["model.hidden_size=16", "model.num_blocks=1", "model.num_heads=1", "model.num_steps=2"]
+TINY = [
+    "model.hidden_size=16",
+    "model.net.num_blocks=1",
+    "model.net.num_heads=1",
+    "model.diffusion.num_steps=2",
+]
 
 
 def test_val_budget_reads_every_checkpoint_of_a_run(run_env: Path) -> None:
