@@ -252,7 +252,7 @@ def measure_eval(job: dict[str, Any]) -> dict[str, Any]:
         batch = _to(dataset.__getitems__(index), device)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             # The configured (test) process over all T steps, not training's cheaper validation
-            # (model.val_steps): the pass a test, a predict or an uncut validation costs.
+            # (model.val_sampler): the pass a test, a predict or an uncut validation costs.
             model.val_metrics.update(model.rank_batch(batch))
         return len(index), _useful("eval", model, (batch["seq"] > 0).sum(1).cpu())
 

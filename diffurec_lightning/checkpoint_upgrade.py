@@ -4,7 +4,9 @@ Before issue 13 the modules took flat keys (``lr``, ``lr_gamma``, ``approximator
 ``network: {name: ...}``, ``delta``, ``offset`` ...) and built their parts from name registries.
 Now ``net``, ``diffusion``, ``optimizer`` and ``scheduler`` are config nodes, ``delta`` is
 ``lambda_scale`` (DiffuRec) or ``prior_offset_strength`` (DCRec), ``offset`` is
-``offset_noise_strength``, and every module keeps its network as ``net``. ``upgrade`` maps one
+``offset_noise_strength``, ``eval_sampler``/``eval_steps`` are ``sampler: {name, steps}`` and
+``val_sampler``/``val_steps`` ``val_sampler: {name, steps}``, and every module keeps its
+network as ``net``. ``upgrade`` maps one
 layout onto the other without changing a weight, so the upgraded model scores exactly as before.
 Run through ``python -m diffurec_lightning.checkpoints FILE`` (checkpoints.py).
 """
@@ -75,6 +77,7 @@ def _upgrade_hparams(hp: dict[str, Any]) -> tuple[str, str]:
         net.update(_blocks(hp, diffusion["num_steps"], 0.1))
         net["attention_mask"] = hp.pop("attention_mask", "keys")
         hp.update(net=net, diffusion=diffusion, prior_offset_strength=hp.pop("delta", 0.1))
+        hp.setdefault("val_sampler", None)  # validations ran the sampler
         return f"{_MODELS}.dcrec_module.DCRecModule", "network"
     diffusion = _diffusion(hp, "trunc_lin", "fixed_large")  # DiffusionRecModule
     net = {"_target_": APPROXIMATORS[hp.pop("approximator", "diffurec")]}
@@ -83,6 +86,11 @@ def _upgrade_hparams(hp: dict[str, Any]) -> tuple[str, str]:
     hp.update(net=net, diffusion=diffusion)
     hp["lambda_scale"] = hp.pop("delta", 0.001)
     hp["offset_noise_strength"] = hp.pop("offset", 0.0)
+    hp["sampler"] = {
+        "name": hp.pop("eval_sampler", "ancestral"),
+        "steps": hp.pop("eval_steps", None),
+    }
+    hp["val_sampler"] = {"name": hp.pop("val_sampler", None), "steps": hp.pop("val_steps", None)}
     return f"{_MODELS}.diffusion_module.DiffusionRecModule", "approximator"
 
 

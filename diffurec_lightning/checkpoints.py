@@ -36,7 +36,7 @@ from diffurec_lightning.errors import ConfigError
 # The checkpoint entry naming the module class ("package.module.Class").
 MODEL_CLASS = "model_class"
 # Flat hyperparameters of the layout before the config objects: any of them means that layout.
-_OLD_KEYS = ("lr", "lr_gamma", "approximator", "network", "delta", "offset")
+_OLD_KEYS = ("lr", "lr_gamma", "approximator", "network", "delta", "offset", "eval_steps")
 
 
 def plain(value: Any) -> Any:

@@ -266,7 +266,7 @@ def test_validation_matches_the_reference(
 
 def test_ddim_validation_matches_the_reference(data: SequenceDataModule) -> None:
     """model.val_sampler=ddim: training's validation runs eta-0 DDIM, test keeps ancestral."""
-    model = make_model("diffurecsys", val_sampler="ddim").eval()
+    model = make_model("diffurecsys", val_sampler={"name": "ddim"}).eval()
     dataset = data.dataset("val")
     with torch.inference_mode():
         for batch in data.val_dataloader():

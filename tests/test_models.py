@@ -138,23 +138,23 @@ def test_eval_steps_run_a_respaced_reverse_process() -> None:
         return diffurec(num_items=30, **SIZES, **extra).eval()
 
     with torch.no_grad():
-        full, fewer = model().eval_scores(batch), model(eval_steps=2).eval_scores(batch)
+        full, fewer = model().eval_scores(batch), model(sampler={"steps": 2}).eval_scores(batch)
         torch.testing.assert_close(fewer, model().eval_scores(batch, steps=2))
-        torch.testing.assert_close(model(eval_steps=8).eval_scores(batch), full)
+        torch.testing.assert_close(model(sampler={"steps": 8}).eval_scores(batch), full)
     assert not torch.allclose(fewer, full)
-    with pytest.raises(ConfigError, match=r"model.eval_steps must lie in 1..num_steps \(8\)"):
-        model(eval_steps=9)
+    with pytest.raises(ConfigError, match=r"model.sampler: sampler steps must be null or in 1..8"):
+        model(sampler={"steps": 9})
 
 
 def test_val_steps_change_validation_only() -> None:
-    """model.val_steps / val_sampler: training's validation is cheaper, test keeps eval_steps."""
+    """model.val_sampler: training's validation is cheaper, test keeps model.sampler."""
     batch = {
         "seq": torch.tensor([[0, 1, 2], [4, 5, 6], [0, 0, 7]]),
         "user": torch.tensor([0, 1, 2]),
         "target": torch.tensor([3, 7, 8]),
     }
     torch.manual_seed(0)
-    model = diffurec(num_items=30, **SIZES, val_steps=2, val_sampler="ddim").eval()
+    model = diffurec(num_items=30, **SIZES, val_sampler={"name": "ddim", "steps": 2}).eval()
     with torch.no_grad():
         model.validation_step(batch, 0)
         model.test_step(batch, 0)
@@ -168,7 +168,7 @@ def test_val_steps_change_validation_only() -> None:
     model.test_metrics.reset()
     model.test_metrics.update(full)
     assert test == model.test_metrics.compute()
-    with pytest.raises(ConfigError, match="model.val_sampler / model.val_steps: unknown sampler"):
-        diffurec(num_items=30, **SIZES, val_sampler="bogus")
-    with pytest.raises(ConfigError, match="model.val_sampler / model.val_steps: sampler steps"):
-        diffurec(num_items=30, **SIZES, val_steps=99)
+    with pytest.raises(ConfigError, match="model.val_sampler: unknown sampler"):
+        diffurec(num_items=30, **SIZES, val_sampler={"name": "bogus"})
+    with pytest.raises(ConfigError, match="model.val_sampler: sampler steps"):
+        diffurec(num_items=30, **SIZES, val_sampler={"steps": 99})

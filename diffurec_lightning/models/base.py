@@ -28,12 +28,15 @@ from torch import nn
 from torchmetrics import CatMetric
 
 from diffurec_lightning.checkpoints import MODEL_CLASS, plain
+from diffurec_lightning.diffusion.samplers import check_sampler
 from diffurec_lightning.errors import ConfigError
 from diffurec_lightning.metrics import TopKMetrics, target_ranks, top_k_items
 
 Batch = dict[str, torch.Tensor]
 Node = Mapping[str, Any]
 
+# The sampler of validation, test and predict unless configured: all T ancestral steps.
+DEFAULT_SAMPLER: dict[str, Any] = {"name": "ancestral", "steps": None}
 # Without an optimizer node (a model built in Python): Adam at its defaults, constant rate.
 DEFAULT_OPTIMIZER: dict[str, Any] = {"_target_": "torch.optim.Adam", "lr": 1e-3}
 
@@ -232,12 +235,18 @@ class DiffusionRecommender(RecommenderModule):
     ensemble member's x0 from per-user reproducible noise, running sampler ``sampler`` over
     ``steps`` evenly spaced levels of the trained T (None: the configured sampling).
     ``ensemble_size`` members are averaged as softmax distributions (DiffuRecSys Algorithm 3).
+
+    ``sampler`` ({name, steps}) is the reverse process of validation, test and predict;
+    ``val_sampler`` ({name, steps}, a missing or null field = the sampler's) replaces it at
+    training's validations only, which may then be cheaper.
     """
 
     def __init__(
         self,
         *,
         num_items: int,
+        sampler: Node | None = None,
+        val_sampler: Node | None = None,
         ensemble_size: int = 1,
         optimizer: Node | None = None,
         scheduler: Node | None = None,
@@ -261,6 +270,31 @@ class DiffusionRecommender(RecommenderModule):
             f"model.net.num_steps ({steps}) must equal model.diffusion.num_steps "
             f"({self.diffusion.num_steps})",
         )
+        for key in ("sampler", "val_sampler"):
+            unknown = set(self.hparams.get(key) or {}) - set(DEFAULT_SAMPLER)
+            require(not unknown, f"model.{key} has unknown keys {sorted(unknown)}; use name, steps")
+        for key, (name, steps) in (
+            ("sampler", self.sampling()),
+            ("val_sampler", self.sampling(**self.validation_sampling())),
+        ):
+            with config_errors(f"model.{key}"):
+                check_sampler(name, steps, self.diffusion.num_steps)
+
+    @property
+    def sampler(self) -> dict[str, Any]:
+        """The configured sampler: ``sampler`` over the defaults (all T ancestral steps)."""
+        return {**DEFAULT_SAMPLER, **(self.hparams.get("sampler") or {})}
+
+    def sampling(
+        self, steps: int | None = None, sampler: str | None = None
+    ) -> tuple[str, int | None]:
+        """(sampler name, steps) to run: the given ones, else the configured (None steps: all T)."""
+        return sampler or self.sampler["name"], self.sampler["steps"] if steps is None else steps
+
+    def validation_sampling(self) -> dict[str, Any]:
+        """``val_sampler`` as ``eval_scores`` arguments (None: the configured sampler's)."""
+        node = self.hparams.get("val_sampler") or {}
+        return {"steps": node.get("steps"), "sampler": node.get("name")}
 
     def reverse(
         self, batch: Batch, member: int = 0, steps: int | None = None, sampler: str | None = None
@@ -282,7 +316,7 @@ class DiffusionRecommender(RecommenderModule):
             table = self.items.table.weight[1:].float()
 
             def scores(member: int) -> torch.Tensor:
-                return self.reverse(batch, member, steps, sampler).float() @ table.t()
+                return self.reverse(batch, member, steps, sampler).float() @ table.t()  # (B, N)
 
             if members == 1:
                 return scores(0)

@@ -10,14 +10,13 @@ S0_hat is rounded through the shared item table.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from diffurec_lightning.diffusion.noise import UserNoise
-from diffurec_lightning.diffusion.samplers import check_sampler, sample
+from diffurec_lightning.diffusion.samplers import sample
 from diffurec_lightning.models.base import (
     Batch,
     DiffusionRecommender,
@@ -29,7 +28,6 @@ from diffurec_lightning.models.embedding import ItemEmbedding
 
 # Distinct ensemble members draw distinct noise streams for the same user (as DiffusionRecModule).
 _ENSEMBLE_SEED_STRIDE = 1_000_003
-DEFAULT_SAMPLER: dict[str, Any] = {"name": "ancestral", "steps": None}
 
 
 def diffusion_sequences(seq: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,7 +106,8 @@ class DCRecModule(DiffusionRecommender):
         offset_in_training: bool = True,
         stop_target_gradient: bool = True,
         prior_positions: str = "real",
-        sampler: Mapping[str, Any] | None = None,
+        sampler: Node | None = None,
+        val_sampler: Node | None = None,
         lambda_start: float = 0.2,
         lambda_floor: float = 0.003,
         lambda_epochs: int = 150,
@@ -139,6 +138,8 @@ class DCRecModule(DiffusionRecommender):
         )
         super().__init__(
             num_items=num_items,
+            sampler=sampler,
+            val_sampler=val_sampler,
             ensemble_size=ensemble_size,
             optimizer=optimizer,
             scheduler=scheduler,
@@ -157,15 +158,6 @@ class DCRecModule(DiffusionRecommender):
                 position_init=position_init,
             )
         self.build_denoiser(net, diffusion)
-        unknown = set(sampler or {}) - set(DEFAULT_SAMPLER)
-        require(not unknown, f"model.sampler has unknown keys {sorted(unknown)}; use name, steps")
-        with config_errors("model.sampler"):
-            check_sampler(self.sampler["name"], self.sampler["steps"], self.diffusion.num_steps)
-
-    @property
-    def sampler(self) -> dict[str, Any]:
-        """The evaluation sampler: ``sampler`` over the defaults (all T ancestral steps)."""
-        return {**DEFAULT_SAMPLER, **(self.hparams.get("sampler") or {})}
 
     def lambda_at(self, epoch: int) -> float:
         hp = self.hparams
@@ -233,14 +225,9 @@ class DCRecModule(DiffusionRecommender):
             return self.net(x_t, t, history, seq_mask, history_mask, cache=cache)
 
         x_T = draw() + prior_offset  # S_T = N(0, I) + prior_offset_strength K
+        sampler, steps = self.sampling(steps, sampler)
         return sample(
-            sampler or self.sampler["name"],
-            self.diffusion,
-            denoise,
-            x_T,
-            draw,
-            steps=self.sampler["steps"] if steps is None else steps,
-            forward_mean=prior_offset,
+            sampler, self.diffusion, denoise, x_T, draw, steps=steps, forward_mean=prior_offset
         )
 
     def reverse(

@@ -12,14 +12,8 @@ from collections.abc import Sequence
 import torch
 
 from diffurec_lightning.diffusion.noise import UserNoise, offset_noise
-from diffurec_lightning.diffusion.samplers import (
-    DRAWS_STEP_NOISE,
-    check_sampler,
-    sample,
-    sampling_process,
-)
+from diffurec_lightning.diffusion.samplers import DRAWS_STEP_NOISE, sample
 from diffurec_lightning.diffusion.timesteps import make_timestep_sampler
-from diffurec_lightning.errors import ConfigError
 from diffurec_lightning.models.base import (
     Batch,
     DiffusionRecommender,
@@ -33,24 +27,6 @@ from diffurec_lightning.models.embedding import ItemEmbedding, cross_entropy
 _ENSEMBLE_SEED_STRIDE = 1_000_003
 # Evaluation noise drawn ahead per batch: at most this many float32 values (64 MB) at a time.
 _PREFETCH_VALUES = 1 << 24
-
-
-def _check_samplers(
-    eval_sampler: str,
-    eval_steps: int | None,
-    val_sampler: str | None,
-    val_steps: int | None,
-    num_steps: int,
-) -> None:
-    """One-line ConfigErrors for an unknown sampler or a step count outside 1..T."""
-    for key, sampler, steps in (
-        ("eval", eval_sampler, eval_steps),
-        ("val", val_sampler or eval_sampler, val_steps),
-    ):
-        try:
-            check_sampler(sampler, steps, num_steps)
-        except ValueError as exc:
-            raise ConfigError(f"model.{key}_sampler / model.{key}_steps: {exc}") from None
 
 
 class DiffusionRecModule(DiffusionRecommender):
@@ -73,10 +49,8 @@ class DiffusionRecModule(DiffusionRecommender):
         lambda_scale: float = 0.001,
         offset_noise_strength: float = 0.0,
         ensemble_size: int = 1,
-        eval_steps: int | None = None,
-        eval_sampler: str = "ancestral",
-        val_steps: int | None = None,
-        val_sampler: str | None = None,
+        sampler: Node | None = None,
+        val_sampler: Node | None = None,
         eval_seed: int = 0,
         optimizer: Node | None = None,
         scheduler: Node | None = None,
@@ -89,6 +63,8 @@ class DiffusionRecModule(DiffusionRecommender):
         require(hidden_size >= 2, f"model.hidden_size must be >= 2, got {hidden_size}")
         super().__init__(
             num_items=num_items,
+            sampler=sampler,
+            val_sampler=val_sampler,
             ensemble_size=ensemble_size,
             optimizer=optimizer,
             scheduler=scheduler,
@@ -106,14 +82,10 @@ class DiffusionRecModule(DiffusionRecommender):
                 max_len=max_len,
             )
         self.build_denoiser(net, diffusion)
-        num_steps = self.diffusion.num_steps
-        require(
-            eval_steps is None or 1 <= eval_steps <= num_steps,
-            f"model.eval_steps must lie in 1..num_steps ({num_steps}) or be null, got {eval_steps}",
-        )
-        _check_samplers(eval_sampler, eval_steps, val_sampler, val_steps, num_steps)
         with config_errors():
-            self.timesteps = make_timestep_sampler(timestep_sampler, num_steps=num_steps)
+            self.timesteps = make_timestep_sampler(
+                timestep_sampler, num_steps=self.diffusion.num_steps
+            )
 
     # -- training ------------------------------------------------------------------------
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
@@ -135,12 +107,6 @@ class DiffusionRecModule(DiffusionRecommender):
         return loss
 
     # -- reverse process -----------------------------------------------------------------
-    def validation_sampling(self) -> dict[str, object]:
-        """Training's validations may run a cheaper reverse process (``val_steps``,
-        ``val_sampler``); test and predict always run the configured one."""
-        hp = self.hparams
-        return {"steps": hp.get("val_steps"), "sampler": hp.get("val_sampler")}
-
     def reverse(
         self,
         batch: Batch,
@@ -150,17 +116,15 @@ class DiffusionRecModule(DiffusionRecommender):
     ) -> torch.Tensor:
         """Run the reverse process for one ensemble member; return x0 (B, d).
 
-        ``sampler`` (None: ``eval_sampler``) runs over ``steps`` evenly spaced steps of the
-        trained schedule (respaced, Nichol & Dhariwal); None means ``eval_steps`` (None: all T).
+        ``sampler`` (None: ``sampler.name``) runs over ``steps`` evenly spaced steps of the
+        trained schedule (respaced, Nichol & Dhariwal); None means ``sampler.steps`` (None: all T).
         All noise comes from per-user streams seeded by (eval_seed, member, user), drawn in a
         fixed order, so a user's result never depends on the batch it is in. The order per user:
         x_T, then for every step its lambda rows and (except the last step, and never for the
         deterministic ``ddim``) its step noise.
         """
         hp = self.hparams
-        steps = hp.get("eval_steps") if steps is None else steps
-        sampler = sampler or hp.get("eval_sampler", "ancestral")
-        process = sampling_process(self.diffusion, steps)
+        sampler, steps = self.sampling(steps, sampler)
         seq = batch["seq"]
         mask = seq > 0
         seed = hp.eval_seed + _ENSEMBLE_SEED_STRIDE * member
@@ -172,7 +136,7 @@ class DiffusionRecModule(DiffusionRecommender):
         lengths = mask.sum(1)
         width, dim = seq.shape[1], seq_emb.shape[-1]
         scale = hp.lambda_scale
-        num_steps = process.num_steps
+        num_steps = self.diffusion.num_steps if steps is None else steps  # levels visited
         step_noise = DRAWS_STEP_NOISE[sampler]
         # Draw the noise of several steps per generator call, within a memory budget.
         chunk = max(1, _PREFETCH_VALUES // max(1, len(seq) * (width + 1) * dim))
@@ -188,5 +152,8 @@ class DiffusionRecModule(DiffusionRecommender):
             lam = scale + scale * noise.rows(lengths, width, dim).to(seq_emb.dtype)
             return self.net(seq_emb, mask, x_t, t, lam, **extra)
 
+        def draw(_step: int) -> torch.Tensor:
+            return noise.vectors(dim)
+
         x_T = noise.vectors(dim)
-        return sample(sampler, process, denoise, x_T, lambda _step: noise.vectors(dim))
+        return sample(sampler, self.diffusion, denoise, x_T, draw, steps=steps)
