@@ -135,6 +135,16 @@ class RecommenderModule(L.LightningModule):
         """(B, N) float32 scores of items 1..N for each user of the batch."""
         raise NotImplementedError
 
+    def build_net(self, net: Node) -> nn.Module:
+        """The network from its config node; it must work in the item table's size."""
+        size = self.hparams.get("hidden_size")
+        if isinstance(net, Mapping) and "hidden_size" in net:
+            require(
+                net["hidden_size"] == size,
+                f"model.net.hidden_size ({net['hidden_size']}) must equal model.hidden_size ({size})",
+            )
+        return build(net, "net")
+
     # -- optimisation --------------------------------------------------------------------
     def make_optimizer(
         self, params: list[nn.Parameter], fused: bool = False
@@ -262,7 +272,7 @@ class DiffusionRecommender(RecommenderModule):
 
     def build_denoiser(self, net: Node, diffusion: Node) -> None:
         """``self.net`` and ``self.diffusion`` from their config nodes (the same T in both)."""
-        self.net = build(net, "net")
+        self.net = self.build_net(net)
         self.diffusion = build(diffusion, "diffusion")
         steps = net.get("num_steps", self.diffusion.num_steps)
         require(

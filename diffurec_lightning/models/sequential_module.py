@@ -25,7 +25,6 @@ from diffurec_lightning.models.base import (
     Batch,
     Node,
     RecommenderModule,
-    build,
     config_errors,
     require,
 )
@@ -76,7 +75,7 @@ class SequentialRecModule(RecommenderModule):
                 position_embedding=position_embedding,
                 max_len=max_len,
             )
-        self.net = build(net, "net")
+        self.net = self.build_net(net)
 
     @property
     def train_samples(self) -> str:
