@@ -176,8 +176,8 @@ class DCRecModule(DiffusionRecommender):
         x_start = self.items(start_ids)  # (B, W, d) S0
         noise = torch.randn_like(x_start)
         if self.hparams.offset_in_training:
-            # implicit condition K
-            noise = noise + self.hparams.prior_offset_strength * self.items(prior_ids)
+            prior = self.hparams.prior_offset_strength * self.items(prior_ids)
+            noise = noise + prior  # implicit condition K
         t = torch.randint(self.diffusion.num_steps, (len(target),), device=self.device)
         x_t = self.diffusion.q_sample(x_start, t, noise)
         x_start_pred = self.net(x_t, t, history, seq_mask, history_ids > 0)
