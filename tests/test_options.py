@@ -112,7 +112,7 @@ def _one_step(optimizer: str, weight_decay: float) -> tuple[torch.optim.Optimize
 def test_adamw_decays_the_weights_decoupled_and_adam_through_the_gradient() -> None:
     opt, weights = _one_step("adamw", 0.1)
     assert type(opt) is torch.optim.AdamW and opt.defaults["fused"]
-    assert opt.param_groups[0]["betas"] == (0.8, 0.9)
+    assert tuple(opt.param_groups[0]["betas"]) == (0.8, 0.9)  # a list from the config node
     for before, after in weights.values():  # w <- w (1 - lr wd), nothing else
         torch.testing.assert_close(after, before * (1 - 0.01 * 0.1))
     opt, weights = _one_step("adam", 0.1)

@@ -105,8 +105,11 @@ class RecommenderModule(L.LightningModule):
         super().__init__()
         # Every constructor argument of the whole class chain (Lightning walks the subclasses'
         # __init__ frames), so subclasses must not rebind their arguments before calling this.
-        # The run's config is logged whole by train.py, hence logger=False.
-        self.save_hyperparameters(logger=False)
+        # The run's config is logged whole by train.py, hence logger=False. Arguments of this
+        # base that the class does not take (a counting model's optimizer) are not its own.
+        own = inspect.signature(type(self).__init__).parameters
+        ignore = [name for name in ("optimizer", "scheduler") if name not in own]
+        self.save_hyperparameters(ignore=ignore, logger=False)
         require(predict_k >= 1, f"model.predict_k must be >= 1, got {predict_k}")
         if optimizer is not None or scheduler is not None:
             # Build both once on a probe parameter: a bad learning rate, betas or target fails
