@@ -127,7 +127,7 @@ def test_adamw_decays_the_weights_decoupled_and_adam_through_the_gradient() -> N
     with pytest.raises(ConfigError, match="model.optimizer: .*torch.optim.Nope"):
         _one_step("torch.optim.Nope", 0.0)
     with pytest.raises(ConfigError, match="model.optimizer: Invalid learning rate: -1"):
-        model_from_config("sasrec", "model.optimizer.lr=-1")
+        sequential(num_items=12, network={"name": "gru4rec"}, hidden_size=8, lr=-1)
     override = "model.optimizer._target_=torch.optim.AdamW"
     module = model_from_config("sasrec", override)
     assert type(module.configure_optimizers()["optimizer"]) is torch.optim.AdamW

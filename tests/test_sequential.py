@@ -113,7 +113,13 @@ def test_unknown_network_or_option_is_named() -> None:
     with pytest.raises(ConfigError, match="model.net: .*BERT4Rec"):
         SequentialRecModule(num_items=5, net={"_target_": "diffurec_lightning.models.BERT4Rec"})
     with pytest.raises(ConfigError, match="model.net: .*num_layer"):
-        SequentialRecModule(num_items=5, net={"_target_": gru, "hidden_size": 8, "num_layer": 2})
+        SequentialRecModule(
+            num_items=5, hidden_size=8, net={"_target_": gru, "hidden_size": 8, "num_layer": 2}
+        )
+    with pytest.raises(
+        ConfigError, match=r"model.net.hidden_size \(8\) must equal model.hidden_size"
+    ):
+        SequentialRecModule(num_items=5, net={"_target_": gru, "hidden_size": 8})
     with pytest.raises(ConfigError, match="model.net must be a config node with a _target_"):
         SequentialRecModule(num_items=5, net={"num_blocks": 2})
 
