@@ -219,7 +219,7 @@ def test_predict_writes_original_ids(trained: dict, tmp_path: Path) -> None:
     assert frame["rank"].to_list() == [1, 2, 3, 4, 5] * 2
     # The same recommendations straight from the model, in dense ids, then named by hand.
     batch = history_batch(store, np.array([7]), store.offsets[1:][[7]], datamodule.max_len)
-    dense = model.predict_step(batch, 0)["items"][0].tolist()
+    dense = model.predict_step(batch, 0, k=5)["items"][0].tolist()
     assert frame["item"].to_list()[:5] == [item_names[i - 1] for i in dense]
     scores = frame["score"].to_list()[:5]
     assert scores == sorted(scores, reverse=True)

@@ -169,7 +169,7 @@ def test_check_cli_exit_codes(tmp_path: Path) -> None:
     from diffurec_lightning.launch.sweep import main
 
     drifted = load_sweep(TOYS_SWEEP)
-    drifted["parameters"]["model.lambda_scale"] = {"values": [0.1]}
+    drifted["parameters"]["model.delta"] = {"values": [0.1]}
     bad = tmp_path / "bad.yaml"
     bad.write_text(json.dumps(drifted))  # JSON is YAML
     assert main([str(TOYS_SWEEP)]) == 0
