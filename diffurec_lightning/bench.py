@@ -39,8 +39,8 @@ REFERENCE = [
     "data.batch_size=512",
     "data.eval_batch_size=512",
     "model.hidden_size=128",
-    "model.num_blocks=4",
-    "model.num_steps=32",
+    "model.net.num_blocks=4",
+    "model.diffusion.num_steps=32",
 ]
 ALLOCATOR_KEYS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 PRECISIONS = {"fp32": None, "bf16-mixed": torch.bfloat16}
@@ -159,14 +159,12 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
 def _useful(kind: str, model: Any, lengths: torch.Tensor) -> float | None:
     from diffurec_lightning import flops
 
-    hp = model.hparams
-    approximator = hp.get("approximator")
-    if approximator not in flops.BLOCK_FLOPS:
-        return None  # no formula for this model: FLOP columns stay empty
-    args = (approximator, lengths, hp.hidden_size, hp.num_blocks, hp.num_items)
+    net = getattr(model, "net", None)
+    if not hasattr(net, "flops"):
+        return None  # this network counts no FLOPs: the FLOP columns stay empty
     if kind == "train":
-        return flops.training_flops(*args)
-    return flops.evaluation_flops(*args, hp.num_steps)
+        return flops.training_flops(net, lengths, model.hparams.num_items)
+    return flops.evaluation_flops(net, lengths, model.hparams.num_items, model.diffusion.num_steps)
 
 
 def _profiler(job: dict[str, Any]) -> Any:
@@ -254,7 +252,7 @@ def measure_eval(job: dict[str, Any]) -> dict[str, Any]:
         batch = _to(dataset.__getitems__(index), device)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             # The configured (test) process over all T steps, not training's cheaper validation
-            # (model.val_steps): the pass a test, a predict or an uncut validation costs.
+            # (model.val_sampler): the pass a test, a predict or an uncut validation costs.
             model.val_metrics.update(model.rank_batch(batch))
         return len(index), _useful("eval", model, (batch["seq"] > 0).sum(1).cpu())
 

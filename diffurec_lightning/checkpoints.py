@@ -9,6 +9,12 @@ refuses anything else. ``load_checkpoint`` turns every way a file can fail to be
 
 Checkpoints written before this rule (OmegaConf lists in their hyperparameters) are refused too;
 ``python -m diffurec_lightning.checkpoints FILE...`` rewrites checkpoints you trust as plain data.
+
+Each checkpoint also records its class (``model_class``), and its hyperparameters are exactly the
+class's constructor arguments, so ``Class.load_from_checkpoint(path)`` rebuilds the model.
+Checkpoints of the layout before the config objects (``lr``, ``delta``, ``approximator``,
+``network`` ... as flat hyperparameters) are refused with one line; the same command upgrades
+them (``upgrade``).
 """
 
 from __future__ import annotations
@@ -26,6 +32,11 @@ import numpy as np
 import torch
 
 from diffurec_lightning.errors import ConfigError
+
+# The checkpoint entry naming the module class ("package.module.Class").
+MODEL_CLASS = "model_class"
+# Flat hyperparameters of the layout before the config objects: any of them means that layout.
+_OLD_KEYS = ("lr", "lr_gamma", "approximator", "network", "delta", "offset", "eval_steps")
 
 
 def plain(value: Any) -> Any:
@@ -85,7 +96,19 @@ def load_checkpoint(path: str | Path, what: str = "ckpt_path") -> dict[str, Any]
             f"{what}={path}: not a model checkpoint (no state_dict); pass a .ckpt file that "
             "training wrote (<run>/checkpoints/*.ckpt)"
         )
+    if is_old_layout(checkpoint):
+        raise ConfigError(
+            f"{what}={path}: written by an older version (flat hyperparameters such as lr, delta; "
+            "now model.optimizer.lr, model.lambda_scale ...); upgrade a checkpoint you trust "
+            "with `python -m diffurec_lightning.checkpoints FILE`"
+        )
     return checkpoint
+
+
+def is_old_layout(checkpoint: Mapping[str, Any]) -> bool:
+    """Whether the hyperparameters are of the layout before the config objects."""
+    hparams = checkpoint.get("hyper_parameters") or {}
+    return any(key in hparams for key in _OLD_KEYS)
 
 
 def _unreadable(path: Path, what: str, exc: BaseException) -> ConfigError:
@@ -104,11 +127,17 @@ def check_checkpoint(path: str | Path | None, what: str = "ckpt_path") -> None:
 
 
 def convert(path: Path) -> None:
-    """Rewrite a trusted checkpoint as plain data (full unpickler: only for your own files)."""
+    """Rewrite a trusted checkpoint as plain data of the current layout (full unpickler: only for
+    your own files)."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     checkpoint.pop("hparams_type", None)  # the class of an OmegaConf container
+    checkpoint = plain(checkpoint)
+    if is_old_layout(checkpoint):
+        from diffurec_lightning.checkpoint_upgrade import upgrade
+
+        checkpoint = upgrade(checkpoint)
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(plain(checkpoint), tmp)
+    torch.save(checkpoint, tmp)
     tmp.replace(path)
 
 

@@ -3,7 +3,8 @@
 Modes (``mode=``): ``test`` runs the test set with the case studies and writes ``eval.json``;
 ``predict`` writes every user's top-K recommendations (original ids) to parquet; ``curves``
 measures test metrics against the number of reverse steps and the ensemble size. The model is
-rebuilt from the hyperparameters in the checkpoint; the dataset from the run's saved config.
+rebuilt by the stock ``Module.load_from_checkpoint`` of the class the checkpoint records (the
+README's snippet does the same); the dataset comes from the run's saved config.
 """
 
 from __future__ import annotations
@@ -22,11 +23,9 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from diffurec_lightning.analysis.files import write_json
-from diffurec_lightning.checkpoints import load_checkpoint
+from diffurec_lightning.checkpoints import MODEL_CLASS, load_checkpoint
 from diffurec_lightning.data.sources import legacy_data_config
 from diffurec_lightning.errors import ConfigError, DiffuRecError
-
-DEFAULT_MODEL = "diffurec_lightning.models.diffusion_module.DiffusionRecModule"
 
 
 def find_run_dir(ckpt_path: Path) -> Path | None:
@@ -56,9 +55,10 @@ def saved_run_config(run_dir: Path) -> DictConfig:
 
 
 def complete_config(cfg: DictConfig) -> DictConfig:
-    """Fill the dataset, model class and seed in from the checkpoint's run unless given."""
+    """Fill the dataset, model class and seed in from the checkpoint (and its run) unless given."""
     ckpt = Path(cfg.ckpt_path)
-    hparams = load_checkpoint(ckpt).get("hyper_parameters", {})  # refuses foreign files
+    checkpoint = load_checkpoint(ckpt)  # refuses foreign files and old layouts, in one line
+    hparams = checkpoint.get("hyper_parameters", {})
     run_dir = Path(cfg.run_dir) if cfg.get("run_dir") else find_run_dir(ckpt)
     saved = saved_run_config(run_dir) if run_dir is not None else None
     if saved is None and (cfg.get("data") is None or "_target_" not in cfg.data):
@@ -70,8 +70,15 @@ def complete_config(cfg: DictConfig) -> DictConfig:
         elif "_target_" not in cfg.data and saved is not None:
             # +data.eval_batch_size=64 and the like change the run's own dataset config.
             cfg.data = OmegaConf.merge(saved.data, cfg.data)
-        target = saved.model.get("_target_") if saved is not None and "model" in saved else None
-        cfg.model = {"_target_": target or DEFAULT_MODEL, "name": hparams.get("name", "model")}
+        # The class is recorded in the checkpoint (else in the run's config): never guessed.
+        target = checkpoint.get(MODEL_CLASS)
+        if target is None and saved is not None and "model" in saved:
+            target = saved.model.get("_target_")
+        if target is None:
+            raise ConfigError(
+                f"{ckpt}: records no model class and has no run config; pass run_dir="
+            )
+        cfg.model = {"_target_": target, "name": hparams.get("name", "model")}
         if cfg.get("seed") is None:
             cfg.seed = saved.get("seed", 0) if saved is not None else 0
         # Evaluation trains nothing: there is no new model to upload (and offline W&B refuses it).
@@ -81,10 +88,15 @@ def complete_config(cfg: DictConfig) -> DictConfig:
 
 
 def load_model(cfg: DictConfig, num_items: int) -> L.LightningModule:
-    """The checkpoint's model, rebuilt from its stored hyperparameters (plus cfg.hparams)."""
+    """The checkpoint's model through the stock ``load_from_checkpoint`` of its class, with
+    ``cfg.hparams`` merged into the stored hyperparameters (nested keys too, e.g.
+    ``+hparams.sampler.steps=5``)."""
     cls = get_class(cfg.model._target_)
-    hparams = cfg.get("hparams")
-    overrides = OmegaConf.to_container(hparams, resolve=True) if hparams else {}
+    overrides: dict[str, Any] = {}
+    if cfg.get("hparams"):
+        stored = load_checkpoint(cfg.ckpt_path).get("hyper_parameters", {})
+        merged = OmegaConf.to_container(OmegaConf.merge(stored, cfg.hparams), resolve=True)
+        overrides = {key: merged[key] for key in cfg.hparams}
     # complete_config checked the file: plain data, which the weights-only unpickler reads.
     model = cls.load_from_checkpoint(
         cfg.ckpt_path, map_location="cpu", weights_only=True, **overrides
@@ -169,6 +181,11 @@ def run_predict(cfg: DictConfig) -> dict[str, Any]:
 
     if not cfg.predict.get("out"):
         raise ConfigError("mode=predict needs predict.out=<file.parquet>")
+    k = cfg.predict.get("k")
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ConfigError(f"predict.k must be an integer >= 1, got {k!r}")
+    with open_dict(cfg):  # the model is built recommending k items: hparams stay a record
+        cfg.hparams = OmegaConf.merge(cfg.get("hparams") or {}, {"predict_k": k})
     cfg, datamodule, model = setup(cfg)
     resolve_trainer_precision(cfg)
     # No logger: a prediction has no metrics, and the W&B run would hold nothing.

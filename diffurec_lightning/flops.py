@@ -19,6 +19,7 @@ implementation may skip them, so they must not inflate the figure.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
@@ -36,13 +37,13 @@ def _feed_forward(positions: torch.Tensor | int, d: int) -> torch.Tensor:
     return 16.0 * positions * d * d  # d -> 4d -> d
 
 
-def _diffurec_blocks(length: torch.Tensor, d: int, num_blocks: int) -> torch.Tensor:
+def diffurec_blocks(length: torch.Tensor, d: int, num_blocks: int) -> torch.Tensor:
     full = _self_attention(length, d, length) + _feed_forward(length, d)
     last = _self_attention(length, d, 1) + _feed_forward(1, d)
     return (num_blocks - 1) * full + last
 
 
-def _cross_attention_blocks(length: torch.Tensor, d: int, num_blocks: int) -> torch.Tensor:
+def cross_attention_blocks(length: torch.Tensor, d: int, num_blocks: int) -> torch.Tensor:
     # Every block's cross-attention has one query per history position (the scaled noised target).
     cross = _self_attention(length, d, length)
     full = cross + _self_attention(length, d, length) + _feed_forward(length, d)
@@ -50,50 +51,35 @@ def _cross_attention_blocks(length: torch.Tensor, d: int, num_blocks: int) -> to
     return (num_blocks - 1) * full + last
 
 
-BLOCK_FLOPS: dict[str, BlockFlops] = {
-    "diffurec": _diffurec_blocks,
-    "cross_attention": _cross_attention_blocks,
-}
-
-# Work of one call that does not depend on the reverse step, so the reverse process needs it once
-# per batch: the keys and values of DiffuRecSys's first cross-attention (the history alone).
-STEP_INDEPENDENT_FLOPS: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
-    "diffurec": lambda length, d: 0.0 * length,
-    "cross_attention": lambda length, d: 4.0 * length * d * d,
-}
-
-
-def approximator_flops(approximator: str, lengths: torch.Tensor, d: int, num_blocks: int) -> float:
-    """Forward FLOPs of one approximator call for every sample of a batch (lengths (B,) real)."""
-    if approximator not in BLOCK_FLOPS:
-        raise ValueError(
-            f"no FLOP formula for approximator '{approximator}'; known: {', '.join(BLOCK_FLOPS)}"
-        )
-    blocks = BLOCK_FLOPS[approximator]
+def approximator_flops(blocks: BlockFlops, lengths: torch.Tensor, d: int, num_blocks: int) -> float:
+    """Forward FLOPs of one approximator call for every sample of a batch (lengths (B,) real):
+    its blocks (an approximator's ``block_flops``) and the step-embedding MLP."""
     step_mlp = 16.0 * d * d  # d -> 4d -> d, once per sample
     length = lengths.to(torch.float64)
     return float((blocks(length, d, num_blocks) + step_mlp).sum())
 
 
-def training_flops(
-    approximator: str, lengths: torch.Tensor, d: int, num_blocks: int, num_items: int
-) -> float:
+class CountsFlops(Protocol):
+    """A network that counts its useful FLOPs (the approximators do)."""
+
+    hidden_size: int
+
+    def flops(self, lengths: torch.Tensor) -> float: ...
+
+    def step_independent_flops(self, lengths: torch.Tensor) -> float: ...
+
+
+def training_flops(net: CountsFlops, lengths: torch.Tensor, num_items: int) -> float:
     """Useful FLOPs of one training step (forward + backward) on a batch."""
-    scoring = 2.0 * num_items * d * len(lengths)
-    return 3.0 * (approximator_flops(approximator, lengths, d, num_blocks) + scoring)
+    scoring = 2.0 * num_items * net.hidden_size * len(lengths)
+    return 3.0 * (net.flops(lengths) + scoring)
 
 
 def evaluation_flops(
-    approximator: str,
-    lengths: torch.Tensor,
-    d: int,
-    num_blocks: int,
-    num_items: int,
-    num_steps: int,
+    net: CountsFlops, lengths: torch.Tensor, num_items: int, num_steps: int
 ) -> float:
-    """Useful FLOPs of the reverse process (num_steps calls) plus one full ranking."""
-    scoring = 2.0 * num_items * d * len(lengths)
-    once = STEP_INDEPENDENT_FLOPS[approximator]
-    cached = float(once(lengths.to(torch.float64), d).sum())
-    calls = approximator_flops(approximator, lengths, d, num_blocks)
-    return num_steps * calls - (num_steps - 1) * cached + scoring
+    """Useful FLOPs of the reverse process (num_steps calls) plus one full ranking; work that
+    does not depend on the step is counted once."""
+    scoring = 2.0 * num_items * net.hidden_size * len(lengths)
+    cached = net.step_independent_flops(lengths)
+    return num_steps * net.flops(lengths) - (num_steps - 1) * cached + scoring

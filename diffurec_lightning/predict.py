@@ -287,7 +287,11 @@ def predict_to_parquet(
     writer = ParquetPredictionWriter(
         out, _names(user_ids, "user"), _names(item_ids, "item"), exclude_history
     )
-    model.hparams.predict_k = k
+    if model.hparams.get("predict_k") != k:
+        raise ConfigError(  # eval.run_predict builds the model with predict_k = predict.k
+            f"the model recommends {model.hparams.get('predict_k')} items, predict.k is {k}; "
+            "load it with +hparams.predict_k=<k>"
+        )
     trainer.callbacks.append(writer)
     try:
         with warnings.catch_warnings():

@@ -294,11 +294,11 @@ def test_figures_are_pngs_of_the_expected_size(tmp_path: Path) -> None:
 def test_curve_ranks_come_back_in_the_order_asked(tmp_path: Path) -> None:
     """Users are batched by length inside test_ranks; every rank must land on its own user."""
     import torch
+    from builders import diffurec
 
     from diffurec_lightning.analysis.curves import test_ranks
     from diffurec_lightning.data.datamodule import SequenceDataModule
     from diffurec_lightning.data.sources import SyntheticSource
-    from diffurec_lightning.models.diffusion_module import DiffusionRecModule
 
     datamodule = SequenceDataModule(
         name="synthetic", data_dir=str(tmp_path), max_len=10, batch_size=8, eval_batch_size=8,
@@ -308,7 +308,7 @@ def test_curve_ranks_come_back_in_the_order_asked(tmp_path: Path) -> None:
     dataset = datamodule.dataset("test")
     assert len(set(dataset.lengths.tolist())) > 2  # lengths differ: the batching reorders
     torch.manual_seed(0)
-    model = DiffusionRecModule(
+    model = diffurec(
         num_items=datamodule.num_items, hidden_size=16, num_blocks=1, num_heads=2, num_steps=4,
         max_len=10,
     ).eval()  # fmt: skip

@@ -15,7 +15,12 @@ import pytest
 from diffurec_lightning.bench import BenchOptions, main
 from diffurec_lightning.errors import ConfigError
 
-SMALL = ["model.num_blocks=1", "model.num_steps=2", "data.batch_size=64", "data.eval_batch_size=64"]
+SMALL = [
+    "model.net.num_blocks=1",
+    "model.diffusion.num_steps=2",
+    "data.batch_size=64",
+    "data.eval_batch_size=64",
+]
 
 
 def test_bench_measures_every_column(run_env: Path, capsys: pytest.CaptureFixture) -> None:
@@ -50,7 +55,12 @@ def test_time_to_accuracy_bench_on_real_toys(run_env: Path, capsys: pytest.Captu
 
     out = run_env / "tta.json"
     args = ["data=toys", "model=diffurec", "logger=csv", "callbacks.progress_bar=null"]
-    args += ["model.hidden_size=16", "model.num_blocks=1", "model.num_heads=1", "model.num_steps=2"]
+    args += [
+        "model.hidden_size=16",
+        "model.net.num_blocks=1",
+        "model.net.num_heads=1",
+        "model.diffusion.num_steps=2",
+    ]
     args += [
         "trainer.max_epochs=2",
         "trainer.limit_train_batches=3",

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from builders import dcrec
 from torch import nn
 
 from diffurec_lightning.config import compose_config
@@ -29,9 +30,9 @@ torch.set_num_threads(1)
 TINY = {"hidden_size": 16, "num_blocks": 2, "num_heads": 2, "num_steps": 20, "max_len": 8}
 SMALL = [
     "model.hidden_size=32",
-    "model.num_blocks=2",
-    "model.num_heads=2",
-    "model.num_steps=20",
+    "model.net.num_blocks=2",
+    "model.net.num_heads=2",
+    "model.diffusion.num_steps=20",
     "model.sampler.name=skip",
     "model.sampler.steps=4",
 ]
@@ -39,7 +40,7 @@ SMALL = [
 
 def tiny_model(**overrides) -> DCRecModule:
     torch.manual_seed(0)
-    return DCRecModule(num_items=12, **{**TINY, **overrides}).eval()
+    return dcrec(num_items=12, **{**TINY, **overrides}).eval()
 
 
 def batch_of(seq: list[list[int]], users: list[int] | None = None) -> dict[str, torch.Tensor]:
@@ -127,7 +128,7 @@ def test_one_batch_loss_terms_match_the_formulas(
     batch = batch_of([[0, 2, 3], [4, 5, 6]])
     batch["target"] = torch.tensor([7, 8])
     captured: dict = {}
-    model.network.register_forward_hook(
+    model.net.register_forward_hook(
         lambda module, args, output: captured.update(x_t=args[0], t=args[1], pred=output)
     )
     logged: dict[str, float] = {}
@@ -146,7 +147,9 @@ def test_one_batch_loss_terms_match_the_formulas(
     t = torch.randint(20, (2,))
     assert torch.equal(captured["t"], t)
     abar = torch.cumprod(1 - model.diffusion.betas, 0)[t][:, None, None]
-    offset = model.hparams.delta * model.items(prior_ids)  # the history prior K, scaled
+    offset = model.hparams.prior_offset_strength * model.items(
+        prior_ids
+    )  # the history prior K, scaled
     expected_x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * (noise + offset)
     torch.testing.assert_close(captured["x_t"], expected_x_t)
 
@@ -344,7 +347,7 @@ def test_ensemble_and_respaced_process_for_the_curves_tool() -> None:
     [
         ({"sampler": {"name": "bogus"}}, "ancestral, skip, ddim"),
         ({"sampler": {"name": "skip", "steps": 21}}, "1..20"),
-        ({"delta": -1.0}, "delta"),
+        ({"prior_offset_strength": -1.0}, "prior_offset_strength"),
         ({"lambda_start": 0.9, "lambda_floor": 0.2}, "lambda"),
     ],
 )

@@ -21,6 +21,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from builders import diffurec
 
 from diffurec_lightning.data.datamodule import SequenceDataModule
 from diffurec_lightning.data.sources import SyntheticSource
@@ -37,7 +38,7 @@ KS = (1, 5, 10)
 TOL = {"rtol": 1e-4, "atol": 1e-5}
 VARIANTS = {
     "diffurec": {"approximator": "diffurec"},
-    "diffurecsys": {"approximator": "cross_attention", "offset": 1.0},
+    "diffurecsys": {"approximator": "cross_attention", "offset_noise_strength": 1.0},
 }
 
 
@@ -57,7 +58,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> SequenceDataModule:
 
 def make_model(variant: str, hidden_size: int = 32, **options: object) -> DiffusionRecModule:
     torch.manual_seed(0)
-    model = DiffusionRecModule(
+    model = diffurec(
         num_items=NUM_ITEMS,
         hidden_size=hidden_size,
         num_blocks=3,
@@ -148,15 +149,15 @@ def reference_loss(model: DiffusionRecModule, batch: dict, seed: int) -> torch.T
     hp, diffusion = model.hparams, model.diffusion
     seq, target = batch["seq"], batch["target"]
     torch.manual_seed(seed)
-    t = torch.randint(hp.num_steps, (len(target),))
-    noise = torch.randn(len(target), hp.hidden_size) + 0.1 * hp.offset
-    lam = hp.delta + hp.delta * torch.randn(*seq.shape, hp.hidden_size)
+    t = torch.randint(model.diffusion.num_steps, (len(target),))
+    noise = torch.randn(len(target), hp.hidden_size) + 0.1 * hp.offset_noise_strength
+    lam = hp.lambda_scale + hp.lambda_scale * torch.randn(*seq.shape, hp.hidden_size)
     abar = torch.cumprod(1 - diffusion.betas.double(), 0).float()
     x_start = model.items.table.weight[target]
     x_t = abar[t].sqrt()[:, None] * x_start + (1 - abar[t]).sqrt()[:, None] * noise
     full = left_pad(seq, MAX_LEN)
     lam = F.pad(lam, (0, 0, MAX_LEN - seq.shape[1], 0))
-    x0 = approximator(model.approximator, embed(model, full), full > 0, x_t, t, lam)
+    x0 = approximator(model.net, embed(model, full), full > 0, x_t, t, lam)
     scores = x0 @ model.items.table.weight[1:].t()
     return F.cross_entropy(scores, target - 1)
 
@@ -171,7 +172,7 @@ def reference_scores(
     """
     hp, diffusion = model.hparams, model.diffusion
     abar = diffusion.alphas_cumprod
-    d, rows = hp.hidden_size, []
+    d, rows, scale = hp.hidden_size, [], hp.lambda_scale
     for history, user in zip(seq, users.tolist(), strict=True):
         history = left_pad(history[history > 0][None], MAX_LEN)
         length = int((history > 0).sum())
@@ -181,11 +182,11 @@ def reference_scores(
             return torch.empty(n).normal_(generator=generator)
 
         seq_emb, x = embed(model, history), draw(d)[None]
-        for i in reversed(range(hp.num_steps)):
+        for i in reversed(range(model.diffusion.num_steps)):
             lam = torch.zeros(1, MAX_LEN, d)
-            lam[0, MAX_LEN - length :] = hp.delta + hp.delta * draw(length * d).view(length, d)
+            lam[0, MAX_LEN - length :] = scale + scale * draw(length * d).view(length, d)
             t = torch.tensor([i])
-            x0 = approximator(model.approximator, seq_emb, history > 0, x, t, lam)
+            x0 = approximator(model.net, seq_emb, history > 0, x, t, lam)
             if sampler == "ddim":
                 eps = (x - abar[i].sqrt() * x0) / (1 - abar[i]).sqrt()
                 x = x0 if i == 0 else abar[i - 1].sqrt() * x0 + (1 - abar[i - 1]).sqrt() * eps
@@ -264,7 +265,7 @@ def test_validation_matches_the_reference(
 
 def test_ddim_validation_matches_the_reference(data: SequenceDataModule) -> None:
     """model.val_sampler=ddim: training's validation runs eta-0 DDIM, test keeps ancestral."""
-    model = make_model("diffurecsys", val_sampler="ddim").eval()
+    model = make_model("diffurecsys", val_sampler={"name": "ddim"}).eval()
     dataset = data.dataset("val")
     with torch.inference_mode():
         for batch in data.val_dataloader():

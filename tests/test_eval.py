@@ -9,6 +9,7 @@ import os
 import struct
 import subprocess
 import sys
+from collections import OrderedDict
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,6 +21,8 @@ import pytest
 import torch
 from omegaconf import open_dict
 
+from diffurec_lightning import checkpoints
+from diffurec_lightning.checkpoints import MODEL_CLASS, load_checkpoint
 from diffurec_lightning.config import compose_config
 from diffurec_lightning.data.store import load_sequences, load_store, write_cache
 from diffurec_lightning.errors import ConfigError, DataError
@@ -41,10 +44,10 @@ TINY = [
     "data=synthetic",
     "logger=csv",
     "model.hidden_size=16",
-    "model.num_blocks=1",
-    "model.num_heads=2",
-    "model.num_steps=4",
-    "model.lr=0.005",
+    "model.net.num_blocks=1",
+    "model.net.num_heads=2",
+    "model.diffusion.num_steps=4",
+    "model.optimizer.lr=0.005",
     "trainer=cpu",
     "trainer.max_epochs=2",
     "trainer.check_val_every_n_epoch=2",
@@ -130,6 +133,68 @@ def test_eval_changes_hyperparameters_and_reports_bad_input(trained: dict, tmp_p
         evaluate(eval_config(trained, tmp_path / "d", "mode=bogus"))
 
 
+def test_readme_snippet_loads_a_checkpoint_and_scores_histories(
+    trained: dict, capsys: pytest.CaptureFixture
+) -> None:
+    """README.md's five lines, run as written on this run's checkpoint (the stock call)."""
+    readme = (REPO / "README.md").read_text()
+    snippet = readme.split("<!-- snippet: load-checkpoint -->\n```python\n")[1].split("```")[0]
+    assert len([line for line in snippet.splitlines() if line.strip()]) == 5  # five lines
+    code = snippet.replace("outputs/runs/<run>/checkpoints/last.ckpt", trained["best_checkpoint"])
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert "tensor([[" in capsys.readouterr().out
+    model, histories = namespace["model"], namespace["histories"]
+    stored = torch.load(trained["best_checkpoint"], weights_only=True)
+    assert dict(model.hparams) == stored["hyper_parameters"]
+    with torch.no_grad():
+        items = model.predict_step(histories, k=10)["items"]
+    assert items.shape == (2, 10) and int(items.min()) >= 1 and int(items.max()) <= 60
+
+
+def test_old_layout_checkpoints_are_refused_then_upgraded(trained: dict, tmp_path: Path) -> None:
+    """A checkpoint of the flat layout (before the config objects) gets one line, and the
+    converter CLI turns it back into exactly the current checkpoint."""
+    current = torch.load(trained["best_checkpoint"], weights_only=True)
+    old = {**current, "hyper_parameters": dict(current["hyper_parameters"])}
+    del old[MODEL_CLASS]
+    hp = old["hyper_parameters"]
+    net, diffusion = hp.pop("net"), hp.pop("diffusion")
+    optimizer, scheduler = hp.pop("optimizer"), hp.pop("scheduler")
+    hp.update(
+        approximator="cross_attention",
+        **{key: net[key] for key in ("num_blocks", "num_heads", "dropout", "block_output_dropout")},
+        **{key: diffusion[key] for key in ("num_steps", "schedule", "variance")},
+        eval_sampler=hp["sampler"]["name"],
+        eval_steps=hp.pop("sampler")["steps"],
+        val_sampler=hp["val_sampler"]["name"],
+        val_steps=hp.pop("val_sampler")["steps"],
+        delta=hp.pop("lambda_scale"),
+        offset=hp.pop("offset_noise_strength"),
+        optimizer="adam",
+        lr=optimizer["lr"],
+        weight_decay=optimizer["weight_decay"],
+        betas=tuple(optimizer["betas"]),
+        lr_step_size=scheduler["step_size"],
+        lr_gamma=scheduler["gamma"],
+    )
+    old["state_dict"] = OrderedDict(
+        (f"approximator.{key[4:]}" if key.startswith("net.") else key, value)
+        for key, value in current["state_dict"].items()
+    )
+    path = tmp_path / "old.ckpt"
+    torch.save(old, path)
+    with pytest.raises(ConfigError, match=r"older version .* diffurec_lightning.checkpoints FILE"):
+        load_checkpoint(path)
+    assert checkpoints.main([str(path)]) == 0
+    upgraded = load_checkpoint(path)
+    assert upgraded["hyper_parameters"] == current["hyper_parameters"]
+    assert upgraded[MODEL_CLASS] == current[MODEL_CLASS]
+    assert list(upgraded["state_dict"]) == list(current["state_dict"])
+    for key, value in current["state_dict"].items():
+        assert torch.equal(upgraded["state_dict"][key], value), key
+
+
 def renamed_copy(cache_dir: Path, target: Path) -> tuple[Path, list[str], list[str]]:
     """The same sequences under non-trivial original ids (items named in reverse order)."""
     sequences = load_sequences(cache_dir)
@@ -169,7 +234,7 @@ def test_predict_writes_original_ids(trained: dict, tmp_path: Path) -> None:
     assert frame["rank"].to_list() == [1, 2, 3, 4, 5] * 2
     # The same recommendations straight from the model, in dense ids, then named by hand.
     batch = history_batch(store, np.array([7]), store.offsets[1:][[7]], datamodule.max_len)
-    dense = model.predict_step(batch, 0)["items"][0].tolist()
+    dense = model.predict_step(batch, 0, k=5)["items"][0].tolist()
     assert frame["item"].to_list()[:5] == [item_names[i - 1] for i in dense]
     scores = frame["score"].to_list()[:5]
     assert scores == sorted(scores, reverse=True)

@@ -29,9 +29,9 @@ SMALL = [
     "callbacks.progress_bar=null",
     "callbacks.representation=null",
     "model.hidden_size=16",
-    "model.num_blocks=1",
-    "model.num_heads=1",
-    "model.num_steps=4",
+    "model.net.num_blocks=1",
+    "model.net.num_heads=1",
+    "model.diffusion.num_steps=4",
 ]
 
 
@@ -116,9 +116,9 @@ CASES = {
         TRAIN, ["data=custom", "data.source.path={root}/clicks.csv", "data.source.k_core=abc"],
         "data.source.k_core=abc: expected an integer",
     ),
-    "lr": (TRAIN, ["model.lr=abc"], "model.lr=abc: expected a number"),
+    "lr": (TRAIN, ["model.optimizer.lr=abc"], "model.optimizer.lr=abc: expected a number"),
     "epochs-float": (TRAIN, ["trainer.max_epochs=2.5"], "trainer.max_epochs=2.5: expected an integer"),
-    "unknown-parameter": (TRAIN, ["+model.nm_steps=4"], "did you mean model.num_steps?"),
+    "unknown-parameter": (TRAIN, ["+model.diffusion.nm_steps=4"], "did you mean model.diffusion.num_steps?"),
     "bad-syntax": (TRAIN, ["model.ks=[5,10"], "cannot read the overrides"),
 }  # fmt: skip
 

@@ -60,7 +60,7 @@ def test_sigterm_alone_checkpoints_a_real_run(under_slurm: None, run_env: Path) 
     argv = [
         sys.executable, "-m", "diffurec_lightning.train", "data=synthetic", "data.batch_size=64",
         "logger=csv", "trainer.max_epochs=3", "trainer.check_val_every_n_epoch=1", "callbacks.progress_bar=null", "model.hidden_size=16",
-        "model.num_blocks=1", "model.num_heads=1", "model.num_steps=4", "ckpt_path=auto",
+        "model.net.num_blocks=1", "model.net.num_heads=1", "model.diffusion.num_steps=4", "ckpt_path=auto",
         "test=false", f"hydra.run.dir={folder}",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}  # no scontrol here

@@ -31,9 +31,9 @@ RUN = [
     "callbacks.progress_bar=null",
     "callbacks.representation=null",
     "model.hidden_size=16",
-    "model.num_blocks=1",
-    "model.num_heads=1",
-    "model.num_steps=4",
+    "model.net.num_blocks=1",
+    "model.net.num_heads=1",
+    "model.diffusion.num_steps=4",
     "ckpt_path=auto",
 ]
 

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from builders import diffurec
 
 from diffurec_lightning.errors import ConfigError
-from diffurec_lightning.models.approximators import APPROXIMATORS, make_approximator
+from diffurec_lightning.models.approximators import (
+    CrossAttentionApproximator,
+    DiffuRecApproximator,
+)
 from diffurec_lightning.models.diffusion_module import DiffusionRecModule
 from diffurec_lightning.models.embedding import ItemEmbedding
 
 torch.set_num_threads(1)
+APPROXIMATORS = {"diffurec": DiffuRecApproximator, "cross_attention": CrossAttentionApproximator}
 SIZES = {"hidden_size": 16, "num_blocks": 3, "num_heads": 2, "dropout": 0.0, "num_steps": 8}
 
 
@@ -27,7 +32,7 @@ def _inputs(width: int, pad: int, seed: int = 0):
 @pytest.mark.parametrize("name", list(APPROXIMATORS))
 def test_padded_keys_cannot_change_the_output(name: str) -> None:
     torch.manual_seed(0)
-    net = make_approximator(name, **SIZES).eval()
+    net = APPROXIMATORS[name](**SIZES).eval()
     seq_emb, x_t, lam, t = _inputs(5, 0)
     mask = torch.ones(2, 5, dtype=torch.bool)
     plain = net(seq_emb, mask, x_t, t, lam)
@@ -46,7 +51,7 @@ def test_padded_keys_cannot_change_the_output(name: str) -> None:
 @pytest.mark.parametrize("name", list(APPROXIMATORS))
 def test_every_block_feeds_the_next(name: str) -> None:
     torch.manual_seed(0)
-    net = make_approximator(name, **SIZES).eval()
+    net = APPROXIMATORS[name](**SIZES).eval()
     seq_emb, x_t, lam, t = _inputs(4, 0)
     mask = torch.ones(2, 4, dtype=torch.bool)
     before = net(seq_emb, mask, x_t, t, lam)
@@ -59,7 +64,7 @@ def test_every_block_feeds_the_next(name: str) -> None:
 @pytest.mark.parametrize("name", list(APPROXIMATORS))
 def test_noised_target_reaches_the_output(name: str) -> None:
     torch.manual_seed(0)
-    net = make_approximator(name, **SIZES).eval()
+    net = APPROXIMATORS[name](**SIZES).eval()
     seq_emb, x_t, lam, t = _inputs(4, 0)
     mask = torch.ones(2, 4, dtype=torch.bool)
     assert not torch.allclose(net(seq_emb, mask, x_t, t, lam), net(seq_emb, mask, x_t * 3, t, lam))
@@ -99,7 +104,7 @@ def test_position_embedding_counts_from_the_most_recent_item() -> None:
 
 def test_evaluation_noise_depends_only_on_user_and_seed() -> None:
     torch.manual_seed(0)
-    model = DiffusionRecModule(num_items=30, **{**SIZES, "approximator": "cross_attention"}).eval()
+    model = diffurec(num_items=30, **{**SIZES, "approximator": "cross_attention"}).eval()
     seq = torch.tensor([[0, 0, 1, 2], [5, 6, 7, 8], [0, 0, 0, 9]])
     batch = {"seq": seq, "user": torch.tensor([10, 11, 12]), "target": torch.tensor([3, 9, 10])}
     with torch.no_grad():
@@ -115,7 +120,7 @@ def test_evaluation_noise_depends_only_on_user_and_seed() -> None:
 
 def test_ensemble_averages_member_distributions() -> None:
     torch.manual_seed(0)
-    model = DiffusionRecModule(num_items=30, **SIZES, ensemble_size=3).eval()
+    model = diffurec(num_items=30, **SIZES, ensemble_size=3).eval()
     batch = {"seq": torch.tensor([[0, 1, 2], [4, 5, 6]]), "user": torch.tensor([0, 1])}
     with torch.no_grad():
         ensemble = model.eval_scores(batch)
@@ -130,26 +135,26 @@ def test_eval_steps_run_a_respaced_reverse_process() -> None:
 
     def model(**extra) -> DiffusionRecModule:
         torch.manual_seed(0)
-        return DiffusionRecModule(num_items=30, **SIZES, **extra).eval()
+        return diffurec(num_items=30, **SIZES, **extra).eval()
 
     with torch.no_grad():
-        full, fewer = model().eval_scores(batch), model(eval_steps=2).eval_scores(batch)
+        full, fewer = model().eval_scores(batch), model(sampler={"steps": 2}).eval_scores(batch)
         torch.testing.assert_close(fewer, model().eval_scores(batch, steps=2))
-        torch.testing.assert_close(model(eval_steps=8).eval_scores(batch), full)
+        torch.testing.assert_close(model(sampler={"steps": 8}).eval_scores(batch), full)
     assert not torch.allclose(fewer, full)
-    with pytest.raises(ConfigError, match=r"model.eval_steps must lie in 1..num_steps \(8\)"):
-        model(eval_steps=9)
+    with pytest.raises(ConfigError, match=r"model.sampler: sampler steps must be null or in 1..8"):
+        model(sampler={"steps": 9})
 
 
 def test_val_steps_change_validation_only() -> None:
-    """model.val_steps / val_sampler: training's validation is cheaper, test keeps eval_steps."""
+    """model.val_sampler: training's validation is cheaper, test keeps model.sampler."""
     batch = {
         "seq": torch.tensor([[0, 1, 2], [4, 5, 6], [0, 0, 7]]),
         "user": torch.tensor([0, 1, 2]),
         "target": torch.tensor([3, 7, 8]),
     }
     torch.manual_seed(0)
-    model = DiffusionRecModule(num_items=30, **SIZES, val_steps=2, val_sampler="ddim").eval()
+    model = diffurec(num_items=30, **SIZES, val_sampler={"name": "ddim", "steps": 2}).eval()
     with torch.no_grad():
         model.validation_step(batch, 0)
         model.test_step(batch, 0)
@@ -163,7 +168,7 @@ def test_val_steps_change_validation_only() -> None:
     model.test_metrics.reset()
     model.test_metrics.update(full)
     assert test == model.test_metrics.compute()
-    with pytest.raises(ConfigError, match="model.val_sampler / model.val_steps: unknown sampler"):
-        DiffusionRecModule(num_items=30, **SIZES, val_sampler="bogus")
-    with pytest.raises(ConfigError, match="model.val_sampler / model.val_steps: sampler steps"):
-        DiffusionRecModule(num_items=30, **SIZES, val_steps=99)
+    with pytest.raises(ConfigError, match="model.val_sampler: unknown sampler"):
+        diffurec(num_items=30, **SIZES, val_sampler={"name": "bogus"})
+    with pytest.raises(ConfigError, match="model.val_sampler: sampler steps"):
+        diffurec(num_items=30, **SIZES, val_sampler={"steps": 99})

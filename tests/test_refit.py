@@ -18,7 +18,7 @@ torch.set_num_threads(1)
 TINY_SASREC = [
     "model=sasrec",
     "model.hidden_size=16",
-    "model.network.num_blocks=1",
+    "model.net.num_blocks=1",
     "logger=csv",
     "callbacks.progress_bar=null",
     "data.protocol=refit",

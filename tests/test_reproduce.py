@@ -16,7 +16,7 @@ TINY = [
     "logger=csv",
     "callbacks.progress_bar=null",
     "model.hidden_size=16",  # sasrec only: pop and markov have no such setting
-    "model.network.num_blocks=1",
+    "model.net.num_blocks=1",
 ]
 
 

@@ -22,9 +22,9 @@ QUICK = [
     "trainer.check_val_every_n_epoch=1",
     "callbacks.progress_bar=null",
     "model.hidden_size=16",
-    "model.num_blocks=1",
-    "model.num_heads=1",
-    "model.num_steps=4",
+    "model.net.num_blocks=1",
+    "model.net.num_heads=1",
+    "model.diffusion.num_steps=4",
     "ckpt_path=auto",
     "test=false",  # resuming is about fit; the test stage and its case studies add nothing
 ]

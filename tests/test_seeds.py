@@ -16,7 +16,7 @@ RESULT_KEYS |= {"wall_time_s", "best_checkpoint"}
 def test_make_seeds_writes_one_results_file_per_seed(run_env: Path) -> None:
     args = (
         "trainer.max_epochs=1 trainer.check_val_every_n_epoch=1 callbacks.progress_bar=null "
-        "model.hidden_size=16 model.num_blocks=1 model.num_heads=1 model.num_steps=4 logger=csv"
+        "model.hidden_size=16 model.net.num_blocks=1 model.net.num_heads=1 model.diffusion.num_steps=4 logger=csv"
     )
     planned = subprocess.run(
         # --no-print-directory: under `make test` this make is nested and would print

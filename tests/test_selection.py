@@ -12,7 +12,12 @@ from diffurec_lightning.config import compose_config
 from diffurec_lightning.errors import ConfigError
 from diffurec_lightning.train import build, train
 
-SMALL = ["model.hidden_size=16", "model.num_blocks=1", "model.num_heads=1", "model.num_steps=4"]
+SMALL = [
+    "model.hidden_size=16",
+    "model.net.num_blocks=1",
+    "model.net.num_heads=1",
+    "model.diffusion.num_steps=4",
+]
 QUICK = [
     "data=synthetic",
     "logger=csv",
@@ -20,7 +25,7 @@ QUICK = [
     "callbacks.case_studies.enabled=false",
     "trainer.max_epochs=3",
     "trainer.check_val_every_n_epoch=1",
-    "model.lr=0.005",
+    "model.optimizer.lr=0.005",
     *SMALL,
 ]
 

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from builders import sequential
 from hydra.utils import instantiate
 
 from diffurec_lightning.config import CONF_DIR, compose_config
 from diffurec_lightning.errors import ConfigError
 from diffurec_lightning.models.base import RecommenderModule
-from diffurec_lightning.models.sequential import GRU4Rec, causal_mask, make_network
+from diffurec_lightning.models.sequential import GRU4Rec, causal_mask
 from diffurec_lightning.models.sequential_module import SequentialRecModule
 from diffurec_lightning.train import train
 
@@ -27,7 +28,7 @@ NETWORKS = {
 
 def tiny_model(model: str) -> SequentialRecModule:
     torch.manual_seed(0)
-    return SequentialRecModule(
+    return sequential(
         num_items=12,
         network=NETWORKS[model],
         name=model,
@@ -97,7 +98,7 @@ def test_gru4rec_matches_a_plain_gru_over_the_real_items() -> None:
 def test_sasrec_is_causal_inside_the_stack() -> None:
     """Changing the most recent item must not change earlier positions of the first block."""
     module = tiny_model("sasrec")
-    block = module.network.blocks[0]
+    block = module.net.blocks[0]
     seq = torch.tensor([[0, 2, 3, 4]])
     other = torch.tensor([[0, 2, 3, 9]])
     with torch.no_grad():
@@ -108,12 +109,19 @@ def test_sasrec_is_causal_inside_the_stack() -> None:
 
 
 def test_unknown_network_or_option_is_named() -> None:
-    with pytest.raises(ValueError, match="sasrec, gru4rec"):
-        make_network("bert4rec", hidden_size=8)
-    with pytest.raises(ConfigError, match="num_layer"):
-        SequentialRecModule(num_items=5, network={"name": "gru4rec", "num_layer": 2})
-    with pytest.raises(ConfigError, match="network needs a name"):
-        SequentialRecModule(num_items=5, network={"num_blocks": 2})
+    gru = "diffurec_lightning.models.sequential.GRU4Rec"
+    with pytest.raises(ConfigError, match="model.net: .*BERT4Rec"):
+        SequentialRecModule(num_items=5, net={"_target_": "diffurec_lightning.models.BERT4Rec"})
+    with pytest.raises(ConfigError, match="model.net: .*num_layer"):
+        SequentialRecModule(
+            num_items=5, hidden_size=8, net={"_target_": gru, "hidden_size": 8, "num_layer": 2}
+        )
+    with pytest.raises(
+        ConfigError, match=r"model.net.hidden_size \(8\) must equal model.hidden_size"
+    ):
+        SequentialRecModule(num_items=5, net={"_target_": gru, "hidden_size": 8})
+    with pytest.raises(ConfigError, match="model.net must be a config node with a _target_"):
+        SequentialRecModule(num_items=5, net={"num_blocks": 2})
 
 
 # -- the model config group ------------------------------------------------------------------
@@ -153,8 +161,8 @@ def test_learns_the_synthetic_rule(model: str, run_env: Path) -> None:
         "trainer.max_epochs=3",
         "trainer.check_val_every_n_epoch=3",
         "model.emb_dropout=0.1",
-        "model.network.dropout=0.1",
-        "model.lr=0.005",
+        "model.net.dropout=0.1",
+        "model.optimizer.lr=0.005",
     )
     assert results["test"]["test/hr@10"] > 0.9
     assert results["val_best"]["val/hr@10"] > 0.9
@@ -173,12 +181,12 @@ def test_every_position_is_causal_and_the_last_one_is_the_representation() -> No
         module = tiny_model(model)
         seq = torch.tensor([[0, 0, 3, 4, 5], [1, 2, 3, 4, 6]])
         with torch.no_grad():
-            states = module.network(module.items(seq), seq > 0, all_positions=True)
+            states = module.net(module.items(seq), seq > 0, all_positions=True)
             assert states.shape == (2, 5, 16)
             torch.testing.assert_close(states[:, -1], module.represent(seq))
             other = seq.clone()
             other[:, -1] = 9  # the most recent item never reaches earlier positions
-            changed = module.network(module.items(other), other > 0, all_positions=True)
+            changed = module.net(module.items(other), other > 0, all_positions=True)
         torch.testing.assert_close(changed[:, 2:4], states[:, 2:4])
         assert not torch.allclose(changed[:, -1], states[:, -1])
 
@@ -187,14 +195,14 @@ def test_gru4rec_position_j_is_the_representation_of_the_prefix_up_to_j() -> Non
     module = tiny_model("gru4rec")
     seq = torch.tensor([[0, 0, 3, 4, 5], [1, 2, 3, 4, 6]])
     with torch.no_grad():
-        states = module.network(module.items(seq), seq > 0, all_positions=True)
+        states = module.net(module.items(seq), seq > 0, all_positions=True)
         for j in range(2, 5):
             torch.testing.assert_close(states[:, j], module.represent(seq[:, : j + 1]))
 
 
 def test_per_position_loss_is_the_mean_over_real_positions() -> None:
     torch.manual_seed(0)
-    module = SequentialRecModule(
+    module = sequential(
         num_items=12, network=NETWORKS["sasrec"], hidden_size=16, emb_dropout=0.0, max_len=8,
         objective="per_position",
     )  # fmt: skip
@@ -206,7 +214,7 @@ def test_per_position_loss_is_the_mean_over_real_positions() -> None:
     module.log = lambda key, value, **kw: logged.__setitem__(key, (float(value), kw))
     loss = module.training_step(batch, 0)
     with torch.no_grad():
-        states = module.network(module.items(seq), seq > 0, all_positions=True)
+        states = module.net(module.items(seq), seq > 0, all_positions=True)
         logits = states @ module.items.table.weight[1:].t()  # (B, L, N)
         terms = [
             -torch.log_softmax(logits[b, j], -1)[target[b, j] - 1]
@@ -220,7 +228,7 @@ def test_per_position_loss_is_the_mean_over_real_positions() -> None:
     with pytest.raises(ConfigError, match="data.train_samples=sequences"):
         module.training_step({**batch, "target": target[:, -1]}, 0)
     with pytest.raises(ConfigError, match="model.objective must be one of"):
-        SequentialRecModule(num_items=5, network=NETWORKS["sasrec"], objective="cloze")
+        sequential(num_items=5, network=NETWORKS["sasrec"], objective="cloze")
 
 
 def test_objective_and_data_must_agree(run_env: Path) -> None:
@@ -238,7 +246,9 @@ def test_per_position_preset_composes_and_learns_the_synthetic_rule(
     assert preset.model.objective == "per_position" and preset.data.train_samples == "sequences"
     assert preset.data.batch_size == 128 and preset.trainer.check_val_every_n_epoch == 1
     if model == "sasrec":
-        assert list(preset.model.betas) == [0.9, 0.98] and preset.model.network.num_blocks == 2
+        assert (
+            list(preset.model.optimizer.betas) == [0.9, 0.98] and preset.model.net.num_blocks == 2
+        )
     results = run(
         run_env / "run",
         model,
@@ -249,7 +259,7 @@ def test_per_position_preset_composes_and_learns_the_synthetic_rule(
         "trainer.max_epochs=8",
         "trainer.check_val_every_n_epoch=8",
         "model.emb_dropout=0.1",
-        "model.network.dropout=0.1",
-        "model.lr=0.01",
+        "model.net.dropout=0.1",
+        "model.optimizer.lr=0.01",
     )
     assert results["test"]["test/hr@10"] > 0.9

@@ -63,7 +63,12 @@ def test_sweeps_cover_diffurecsys_on_toys_and_beauty() -> None:
     for path in SWEEP_FILES:
         params = load_sweep(path)["parameters"]
         swept.add((params["model"]["value"], params["data"]["value"]))
-        assert {"model.delta", "model.offset", "model.num_steps", "model.lr"} <= set(params)
+        assert {
+            "model.lambda_scale",
+            "model.offset_noise_strength",
+            "model.diffusion.num_steps",
+            "model.optimizer.lr",
+        } <= set(params)
     assert {("diffurecsys", "toys"), ("diffurecsys", "beauty")} <= swept
 
 
@@ -90,10 +95,10 @@ def test_sampled_agent_commands_compose_into_the_config(path: Path, sweeps: Any)
         assert argv[:4] == ["/usr/bin/env", "python", "-m", ENTRY_MODULE]
         assert check_params(sweep, params) == []
         cfg = compose_config(hydra_overrides(argv))
-        assert cfg.model.delta == pytest.approx(params["model.delta"])
+        assert cfg.model.lambda_scale == pytest.approx(params["model.lambda_scale"])
         assert (
-            isinstance(cfg.model.num_steps, int)
-            and cfg.model.num_steps == params["model.num_steps"]
+            isinstance(cfg.model.diffusion.num_steps, int)
+            and cfg.model.diffusion.num_steps == params["model.diffusion.num_steps"]
         )
         assert cfg.logger.wandb.offline is False  # trials stream to the sweep
 
@@ -115,14 +120,14 @@ def test_hyperband_stops_a_lagging_trial(sweeps: Any) -> None:
 
 DRIFTS = {
     "renamed key": (
-        lambda s: s["parameters"].__setitem__("model.lambda_scale", {"values": [0.1]}),
-        "model.lambda_scale: no such key",
+        lambda s: s["parameters"].__setitem__("model.delta", {"values": [0.1]}),
+        "model.delta: no such key",
     ),
     "float for an int key": (
         lambda s: s["parameters"].__setitem__(
-            "model.num_steps", {"distribution": "uniform", "min": 4.0, "max": 64.0}
+            "model.diffusion.num_steps", {"distribution": "uniform", "min": 4.0, "max": 64.0}
         ),
-        "model.num_steps: 4.0 lands as float, but the config key is int",
+        "model.diffusion.num_steps: 4.0 lands as float, but the config key is int",
     ),
     "dict replaced by a string": (
         lambda s: s["parameters"].__setitem__("logger.wandb", {"value": "x"}),
@@ -164,7 +169,7 @@ def test_check_cli_exit_codes(tmp_path: Path) -> None:
     from diffurec_lightning.launch.sweep import main
 
     drifted = load_sweep(TOYS_SWEEP)
-    drifted["parameters"]["model.lambda_scale"] = {"values": [0.1]}
+    drifted["parameters"]["model.delta"] = {"values": [0.1]}
     bad = tmp_path / "bad.yaml"
     bad.write_text(json.dumps(drifted))  # JSON is YAML
     assert main([str(TOYS_SWEEP)]) == 0
@@ -175,8 +180,8 @@ def test_check_cli_exit_codes(tmp_path: Path) -> None:
 # Only what the sweep leaves open is shrunk; the run length is a test budget.
 QUICK = {
     "model.hidden_size": "16",
-    "model.num_blocks": "1",
-    "model.num_heads": "1",
+    "model.net.num_blocks": "1",
+    "model.net.num_heads": "1",
     "trainer.max_epochs": "1",
     "trainer.check_val_every_n_epoch": "1",
     "trainer.limit_train_batches": "2",
@@ -203,8 +208,9 @@ def test_a_sampled_trial_trains_offline_on_toys(sweeps: Any, run_env: Path) -> N
 
     (results_file,) = (run_env / "outputs" / "runs").glob("*/*/results.json")
     results = json.loads(results_file.read_text())
-    assert results["config"]["model"]["delta"] == pytest.approx(params["model.delta"])
-    assert results["config"]["model"]["num_steps"] == params["model.num_steps"]
+    model = results["config"]["model"]
+    assert model["lambda_scale"] == pytest.approx(params["model.lambda_scale"])
+    assert model["diffusion"]["num_steps"] == params["model.diffusion.num_steps"]
     assert sweep["metric"]["name"] in {f"{key}_best" for key in results["val_best"]}
     assert {"test/hr@10", "test/ndcg@10"} <= set(results["test"])
     (run_file,) = (results_file.parent / "wandb").glob("offline-run-*/run-*.wandb")

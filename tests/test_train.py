@@ -18,7 +18,12 @@ from diffurec_lightning.train import build, train
 
 VARIANTS = ["diffurec", "diffurecsys_v1", "diffurecsys"]
 # A small network keeps CPU runs short; the architecture is the real one.
-SMALL = ["model.hidden_size=32", "model.num_blocks=2", "model.num_heads=2", "model.num_steps=8"]
+SMALL = [
+    "model.hidden_size=32",
+    "model.net.num_blocks=2",
+    "model.net.num_heads=2",
+    "model.diffusion.num_steps=8",
+]
 
 
 def run(tmp_path: Path, *overrides: str, name: str = "run") -> dict:
@@ -49,7 +54,7 @@ def test_fast_dev_run_on_real_toys(model: str, run_env: Path) -> None:
 
 @pytest.mark.parametrize("model", VARIANTS)
 def test_every_variant_learns_the_synthetic_rule(model: str, run_env: Path) -> None:
-    results = run(run_env, f"model={model}", *synthetic(6, "model.lr=0.005"))
+    results = run(run_env, f"model={model}", *synthetic(6, "model.optimizer.lr=0.005"))
     assert results["test"]["test/hr@10"] > 0.9
     assert results["val_best"]["val/hr@10"] > 0.9
 
@@ -195,12 +200,12 @@ def test_wandb_offline_run_logs_metrics_and_best_checkpoint(
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("model.num_steps=0", "num_steps"),
-        ("model.delta=-0.1", "delta must be >= 0"),
-        ("model.schedule=zigzag", "unknown noise schedule 'zigzag'"),
-        ("model.variance=huge", "fixed_large"),
-        ("model.num_heads=3", "divisible"),
-        ("model.approximator=rnn", "unknown approximator 'rnn'"),
+        ("model.diffusion.num_steps=0", "num_steps"),
+        ("model.lambda_scale=-0.1", "lambda_scale must be >= 0"),
+        ("model.diffusion.schedule=zigzag", "unknown noise schedule 'zigzag'"),
+        ("model.diffusion.variance=huge", "fixed_large"),
+        ("model.net.num_heads=3", "divisible"),
+        ("model.net._target_=rnn", "model.net: .*'rnn'"),
         ("data.batch_size=0", "batch_size must be an integer >= 1"),
     ],
 )
@@ -221,12 +226,12 @@ def test_unknown_model_name_is_reported(run_env: Path) -> None:
 
 def test_cli_reports_bad_input_in_one_line(run_env: Path) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "diffurec_lightning.train", "data=synthetic", "model.delta=-1",
+        [sys.executable, "-m", "diffurec_lightning.train", "data=synthetic", "model.lambda_scale=-1",
          "logger=csv", f"hydra.run.dir={run_env / 'cli'}"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines()[-1] == "error: model.delta must be >= 0, got -1"
+    assert done.stderr.strip().splitlines()[-1] == "error: model.lambda_scale must be >= 0, got -1"
 
 
 def test_loss_aware_sampler_is_updated_during_training(run_env: Path) -> None:

@@ -13,7 +13,12 @@ from diffurec_lightning.config import compose_config
 from diffurec_lightning.errors import ConfigError
 from diffurec_lightning.train import train
 
-TINY = ["model.hidden_size=16", "model.num_blocks=1", "model.num_heads=1", "model.num_steps=2"]
+TINY = [
+    "model.hidden_size=16",
+    "model.net.num_blocks=1",
+    "model.net.num_heads=1",
+    "model.diffusion.num_steps=2",
+]
 
 
 def test_val_budget_reads_every_checkpoint_of_a_run(run_env: Path) -> None:
@@ -37,7 +42,7 @@ def test_val_budget_reads_every_checkpoint_of_a_run(run_env: Path) -> None:
     result = main(["--run", str(run), "--settings", "ancestral:1,ancestral:2,ddim:2"])
     assert [row["epoch"] for row in result["rows"]] == [1, 2]
     last = result["rows"][-1]["ancestral:1"]
-    # model.val_steps=1 (the default): the run validated with one reverse step, so the
+    # model.val_sampler.steps=1 (the default): the run validated with one reverse step, so the
     # reference setting reproduces the figures training logged.
     assert last["val/ndcg@10"] == pytest.approx(results["val"]["val/ndcg@10"], abs=1e-6)
     assert last["val/hr@10"] == pytest.approx(results["val"]["val/hr@10"], abs=1e-6)

@@ -47,18 +47,20 @@ def test_ranks(
     batch_size: int,
     device: torch.device,
     steps: int | None = None,
+    ensemble_size: int | None = None,
     description: str = "test users",
 ) -> np.ndarray:
     """1-based target ranks of the selected test samples (in the order given), running ``steps``
-    reverse steps. Users are batched by history length, as validation is: a random sample padded
-    to its longest history would be mostly padding. Progress is shown as ``description``."""
+    reverse steps with ``ensemble_size`` members (None: the model's). Users are batched by history
+    length, as validation is: a random sample padded to its longest history would be mostly
+    padding. Progress is shown as ``description``."""
     order = np.argsort(dataset.lengths[indices], kind="stable")
     ranks = []
     starts = range(0, len(indices), batch_size)
     for start in track(starts, len(starts), description):
         batch = dataset.__getitems__(indices[order[start : start + batch_size]].tolist())
         batch = {key: value.to(device) for key, value in batch.items()}
-        scores = model.eval_scores(batch, steps=steps)
+        scores = model.eval_scores(batch, steps=steps, ensemble_size=ensemble_size)
         padded = F.pad(scores, (1, 0), value=float("-inf"))  # column 0 = padding, never ranked
         ranks.append(target_ranks(padded, batch["target"]).cpu())
     out = np.empty(len(indices), dtype=np.int64)
@@ -87,36 +89,31 @@ def inference_curves(
     if any(m < 1 for m in ensemble_sizes):
         raise ConfigError(f"curves.ensemble_sizes must be >= 1, got {list(ensemble_sizes)}")
     model.to(device).eval()
-    trained_members = model.hparams.ensemble_size
     ks = sorted({int(m.split("@")[1]) for m in CURVE_METRICS})
     cache: dict[tuple[int, int], tuple[np.ndarray, float]] = {}
 
     def measure(num: int, members: int) -> tuple[np.ndarray, float]:
         if (num, members) not in cache:
-            model.hparams.ensemble_size = members
             started = time.perf_counter()
             label = f"curves: {num} steps, ensemble {members}"
-            ranks = test_ranks(model, dataset, indices, batch_size, device, num, label)
+            ranks = test_ranks(model, dataset, indices, batch_size, device, num, members, label)
             cache[num, members] = (ranks, time.perf_counter() - started)
         return cache[num, members]
 
     rows = []
-    try:
-        # The trained setting (all T steps, one member) is the reference every row is compared to.
-        reference, _ = measure(num_steps, 1)
-        for curve, settings in (
-            ("steps", [(s, 1) for s in steps]),
-            ("ensemble", [(num_steps, m) for m in ensemble_sizes]),
-        ):
-            for num, members in settings:
-                ranks, seconds = measure(num, members)
-                x = num if curve == "steps" else members
-                row = {"curve": curve, "x": x, "steps": num, "ensemble": members}
-                row.update(metrics_from_ranks(ranks, ks))
-                row["same_rank"] = float(np.mean(ranks == reference))
-                rows.append({**row, "seconds": round(seconds, 3)})
-    finally:
-        model.hparams.ensemble_size = trained_members
+    # The trained setting (all T steps, one member) is the reference every row is compared to.
+    reference, _ = measure(num_steps, 1)
+    for curve, settings in (
+        ("steps", [(s, 1) for s in steps]),
+        ("ensemble", [(num_steps, m) for m in ensemble_sizes]),
+    ):
+        for num, members in settings:
+            ranks, seconds = measure(num, members)
+            x = num if curve == "steps" else members
+            row = {"curve": curve, "x": x, "steps": num, "ensemble": members}
+            row.update(metrics_from_ranks(ranks, ks))
+            row["same_rank"] = float(np.mean(ranks == reference))
+            rows.append({**row, "seconds": round(seconds, 3)})
     return rows
 
 

@@ -47,11 +47,18 @@ BUDGET_KEYS = (
     "data.max_len",
     "data.batch_size",
     "model.hidden_size",
-    "model.num_blocks",
-    "model.num_steps",
-    "model.offset",
-    "model.lr",
+    "model.net.num_blocks",
+    "model.diffusion.num_steps",
+    "model.offset_noise_strength",
+    "model.optimizer.lr",
 )
+# Where runs recorded before the config objects (issue 13) hold the same settings.
+LEGACY_KEYS = {
+    "model.net.num_blocks": "model.num_blocks",
+    "model.diffusion.num_steps": "model.num_steps",
+    "model.offset_noise_strength": "model.offset",
+    "model.optimizer.lr": "model.lr",
+}
 
 
 def _fmt_p(p: float) -> str:
@@ -61,6 +68,13 @@ def _fmt_p(p: float) -> str:
 
 
 def _config_value(config: dict, dotted: str) -> Any:
+    value = _lookup(config, dotted)
+    if value is None and dotted in LEGACY_KEYS:
+        return _lookup(config, LEGACY_KEYS[dotted])
+    return value
+
+
+def _lookup(config: dict, dotted: str) -> Any:
     node: Any = config
     for part in dotted.split("."):
         if not isinstance(node, dict) or part not in node:

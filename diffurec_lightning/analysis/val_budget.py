@@ -8,7 +8,7 @@ For each setting it reports the metrics per checkpoint, the seconds per pass, th
 correlation of its checkpoint ranking with the reference setting's (the first one, normally the
 configured process: ancestral over all T steps), and whether it selects the same checkpoint.
 A cheap setting that ranks checkpoints as the reference does can drive model selection
-(``model.val_steps`` / ``model.val_sampler``), while test keeps the reference process.
+(``model.val_sampler.name`` / ``model.val_sampler.steps``), while test keeps the reference process.
 """
 
 from __future__ import annotations

@@ -5,18 +5,23 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+# DiffuRecSys Eq. 17: the training noise's mean is this share of the offset-noise strength
+# delta_c, eps ~ N(0.1 delta_c, I). Only training noise is offset: reverse sampling stays N(0, I).
+OFFSET_NOISE_MEAN = 0.1
+
 _MASK32 = (1 << 32) - 1
 _MASK64 = (1 << 64) - 1
 
 
-def offset_noise(like: Tensor, offset: float, generator: torch.Generator | None = None) -> Tensor:
-    """eps ~ N(0.1 * offset, I) shaped like `like` (DiffuRecSys Eq. 17); offset 0 is plain N(0, I).
+def offset_noise(like: Tensor, strength: float, generator: torch.Generator | None = None) -> Tensor:
+    """eps ~ N(OFFSET_NOISE_MEAN * strength, I) shaped like `like` (DiffuRecSys Eq. 17, strength
+    = delta_c); strength 0 is plain N(0, I). Training noise only: reverse sampling stays N(0, I).
 
     The noise is drawn on the generator's device (like's device without one), then moved to like's.
     """
     device = generator.device if generator is not None else like.device
     noise = torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype)
-    return noise.to(like.device) + 0.1 * offset
+    return noise.to(like.device) + OFFSET_NOISE_MEAN * strength
 
 
 def _splitmix64(x: int) -> int:

@@ -2,8 +2,11 @@
 
 Both take the normalised history embedding ``seq_emb`` (B, L, d), its ``mask`` (B, L), the
 noised target ``x_t`` (B, d), the step ``t`` (B,) and the uncertainty ``lam`` (B, L, d)
-(lambda ~ N(delta, delta), drawn by the caller so that evaluation noise stays reproducible),
-and return x0_hat (B, d): the output at the most recent history position.
+(lambda ~ N(lambda_scale, lambda_scale), drawn by the caller so that evaluation noise stays
+reproducible), and return x0_hat (B, d): the output at the most recent history position.
+
+Each is built from a ``model.net`` config node (``_target_`` = the class), and counts its own
+useful FLOPs (``flops``, ``step_independent_flops``; the definition is in flops.py).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from diffurec_lightning import flops
 from diffurec_lightning.models.layers import (
     CrossAttentionBlock,
     Dropout,
@@ -23,7 +27,10 @@ from diffurec_lightning.models.layers import (
 
 
 class Approximator(nn.Module):
-    """Shared parts: step embedding, output dropout and LayerNorm."""
+    """Shared parts: step embedding, output dropout and LayerNorm; the size checks."""
+
+    # Forward FLOPs of the blocks for samples of `length` real items (flops.py).
+    block_flops = staticmethod(flops.diffurec_blocks)
 
     def __init__(
         self,
@@ -35,11 +42,30 @@ class Approximator(nn.Module):
         num_steps: int,
         block_output_dropout: bool = False,
     ) -> None:
+        if hidden_size < 2 or num_blocks < 1 or num_steps < 1:
+            raise ValueError("hidden_size must be >= 2, num_blocks and num_steps >= 1")
+        if num_heads < 1 or hidden_size % num_heads:
+            raise ValueError(
+                f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})"
+            )
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
         super().__init__()
         self.step_embedding = StepEmbedding(hidden_size, num_steps)
         self.out_dropout = Dropout(dropout)
         self.out_norm = nn.LayerNorm(hidden_size)
+        self.hidden_size = hidden_size
         self.num_blocks = num_blocks
+
+    def flops(self, lengths: torch.Tensor) -> float:
+        """Useful forward FLOPs of one call for a batch of histories with ``lengths`` real items."""
+        return flops.approximator_flops(
+            self.block_flops, lengths, self.hidden_size, self.num_blocks
+        )
+
+    def step_independent_flops(self, lengths: torch.Tensor) -> float:
+        """The part of ``flops`` that does not depend on the step (computed once per batch)."""
+        return 0.0
 
     def condition(self, x_t: torch.Tensor, t: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
         """lambda_i * (x_s + d_s): the noised target scaled per history position, (B, L, d)."""
@@ -95,6 +121,8 @@ class DiffuRecApproximator(Approximator):
 class CrossAttentionApproximator(Approximator):
     """DiffuRecSys (Eq. 16): z_i = CrossAttention(e_i, lambda_i (x_s + d_s)) in every block."""
 
+    block_flops = staticmethod(flops.cross_attention_blocks)
+
     def __init__(
         self,
         *,
@@ -117,6 +145,10 @@ class CrossAttentionApproximator(Approximator):
             for _ in range(num_blocks)
         )
         xavier_init(self)
+
+    def step_independent_flops(self, lengths: torch.Tensor) -> float:
+        # The first cross-attention's keys and values: the history alone.
+        return float((4.0 * lengths.to(torch.float64) * self.hidden_size**2).sum())
 
     def history_cache(self, seq_emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys/values of the first cross-attention: they depend on the history alone, so the
@@ -150,19 +182,3 @@ class CrossAttentionApproximator(Approximator):
                 cross_query=queries[index],
             )
         return self.finish(h)
-
-
-APPROXIMATORS: dict[str, type[Approximator]] = {
-    "diffurec": DiffuRecApproximator,
-    "cross_attention": CrossAttentionApproximator,
-}
-
-
-def make_approximator(name: str, **kwargs: int | float) -> Approximator:
-    try:
-        cls = APPROXIMATORS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown approximator '{name}'; choose one of: {', '.join(APPROXIMATORS)}"
-        ) from None
-    return cls(**kwargs)

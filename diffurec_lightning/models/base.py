@@ -1,30 +1,44 @@
-"""What every recommender module shares: optimiser, exact full-ranking evaluation, prediction.
+"""What every recommender module shares: construction, optimiser, exact full-ranking evaluation.
 
 A subclass provides ``training_step`` and ``eval_scores(batch) -> (B, N)`` scores of items 1..N;
 validation, test (with per-user ranks kept for case studies) and predict_step are the same for
 all models, so every model is measured by one code path. Diffusion models derive from
 ``DiffusionRecommender`` instead and provide only ``reverse`` (their reverse process).
+
+Construction: the parts that are objects (``net``, ``diffusion``, ``optimizer``, ``scheduler``)
+arrive as plain config nodes (``{"_target_": ..., **keys}``), and the module instantiates them
+itself with ``build``. Hyperparameters therefore stay plain data, which is what lets the stock
+``Module.load_from_checkpoint(path)`` rebuild a model from its checkpoint alone, under the
+weights-only unpickler (an instantiated network could not be stored or rebuilt that way).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from torch import nn
 from torchmetrics import CatMetric
 
-from diffurec_lightning.checkpoints import plain
+from diffurec_lightning.checkpoints import MODEL_CLASS, plain
+from diffurec_lightning.diffusion.samplers import check_sampler
 from diffurec_lightning.errors import ConfigError
 from diffurec_lightning.metrics import TopKMetrics, target_ranks, top_k_items
 
 Batch = dict[str, torch.Tensor]
+Node = Mapping[str, Any]
 
-# adam: weight decay as an L2 term in the gradient (scaled by Adam's normalisation);
-# adamw: decoupled weight decay (Loshchilov & Hutter), w <- w (1 - lr wd) besides the Adam step.
-OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+# The sampler of validation, test and predict unless configured: all T ancestral steps.
+DEFAULT_SAMPLER: dict[str, Any] = {"name": "ancestral", "steps": None}
+# Without an optimizer node (a model built in Python): Adam at its defaults, constant rate.
+DEFAULT_OPTIMIZER: dict[str, Any] = {"_target_": "torch.optim.Adam", "lr": 1e-3}
 
 
 def require(condition: bool, message: str) -> None:
@@ -33,38 +47,77 @@ def require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().split("\n")[0]
+
+
+@contextmanager
+def config_errors(what: str = "model") -> Iterator[None]:
+    """The one translation of a constructor's ValueError/TypeError (or Hydra's wrapper around
+    one) into a one-line ConfigError naming the config node ``what``."""
+    try:
+        yield
+    except InstantiationException as exc:
+        cause: BaseException = exc
+        while cause.__cause__ is not None:  # the constructor's own error, not Hydra's wrapper
+            cause = cause.__cause__
+        raise ConfigError(f"{what}: {_first_line(cause)}") from None
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{what}: {_first_line(exc)}") from None
+
+
+def build(node: Node, what: str, **kwargs: Any) -> Any:
+    """Instantiate the config node ``node`` (model.<what>), its values as plain containers."""
+    require(
+        isinstance(node, Mapping) and "_target_" in node,
+        f"model.{what} must be a config node with a _target_, got {node!r}",
+    )
+    with config_errors(f"model.{what}"):
+        return instantiate(dict(node), _convert_="all", **kwargs)
+
+
+def _takes_fused(factory: Any) -> bool:
+    target = getattr(factory, "func", factory)
+    try:
+        return "fused" in inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 class RecommenderModule(L.LightningModule):
-    """Base class: hyperparameters common to all models and the shared evaluation path."""
+    """Base class: hyperparameters common to all models and the shared evaluation path.
+
+    ``optimizer`` and ``scheduler`` are ``_partial_`` nodes (e.g. ``torch.optim.Adam`` with its
+    ``lr``; ``torch.optim.lr_scheduler.StepLR`` with ``step_size``, ``gamma``), built when
+    training starts; None: Adam(lr=1e-3) and a constant rate. Models without gradient steps
+    (models/counting.py) pass neither.
+    """
 
     def __init__(
         self,
         *,
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        optimizer: str = "adam",
-        betas: Sequence[float] = (0.9, 0.999),
-        lr_step_size: int = 100,
-        lr_gamma: float = 0.1,
+        optimizer: Node | None = None,
+        scheduler: Node | None = None,
         ks: Sequence[int] = (5, 10, 20),
         monitor: str = "val/ndcg@10",
         predict_k: int = 20,
     ) -> None:
         super().__init__()
-        require(lr > 0 and weight_decay >= 0, "model.lr must be > 0 and model.weight_decay >= 0")
-        require(
-            optimizer in OPTIMIZERS,
-            f"model.optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}",
-        )
-        betas = tuple(float(beta) for beta in betas)
-        require(
-            len(betas) == 2 and all(0 <= beta < 1 for beta in betas),
-            f"model.betas must be two numbers in [0, 1), got {list(betas)}",
-        )
-        self.optimizer_name = optimizer
-        self.betas = betas
-        require(lr_step_size >= 1, f"model.lr_step_size must be >= 1, got {lr_step_size}")
-        require(0 < lr_gamma <= 1, f"model.lr_gamma must lie in (0, 1], got {lr_gamma}")
+        # Every constructor argument of the whole class chain (Lightning walks the subclasses'
+        # __init__ frames), so subclasses must not rebind their arguments before calling this.
+        # The run's config is logged whole by train.py, hence logger=False. Arguments of this
+        # base that the class does not take (a counting model's optimizer) are not its own.
+        own = inspect.signature(type(self).__init__).parameters
+        ignore = [name for name in ("optimizer", "scheduler") if name not in own]
+        self.save_hyperparameters(ignore=ignore, logger=False)
         require(predict_k >= 1, f"model.predict_k must be >= 1, got {predict_k}")
+        if optimizer is not None or scheduler is not None:
+            # Build both once on a probe parameter: a bad learning rate, betas or target fails
+            # here with one line, not when fitting starts.
+            probe = self.make_optimizer([nn.Parameter(torch.zeros(1))])
+            if scheduler is not None:
+                with config_errors("model.scheduler"):
+                    build(scheduler, "scheduler", _partial_=True)(probe)
         self.val_metrics = TopKMetrics(ks=ks, prefix="val/")
         self.test_metrics = TopKMetrics(ks=ks, prefix="test/")
         names = [f"val/{m}@{k}" for m in ("hr", "ndcg") for k in self.val_metrics.ks]
@@ -85,17 +138,35 @@ class RecommenderModule(L.LightningModule):
         """(B, N) float32 scores of items 1..N for each user of the batch."""
         raise NotImplementedError
 
+    def build_net(self, net: Node) -> nn.Module:
+        """The network from its config node; it must work in the item table's size."""
+        size = self.hparams.get("hidden_size")
+        if isinstance(net, Mapping) and "hidden_size" in net:
+            require(
+                net["hidden_size"] == size,
+                f"model.net.hidden_size ({net['hidden_size']}) must equal model.hidden_size ({size})",
+            )
+        return build(net, "net")
+
     # -- optimisation --------------------------------------------------------------------
+    def make_optimizer(
+        self, params: list[nn.Parameter], fused: bool = False
+    ) -> torch.optim.Optimizer:
+        """The configured optimizer over ``params`` (fused kernels when asked and supported)."""
+        node = self.hparams.get("optimizer") or DEFAULT_OPTIMIZER
+        factory = build(node, "optimizer", _partial_=True)
+        with config_errors("model.optimizer"):
+            return factory(params, **({"fused": True} if fused and _takes_fused(factory) else {}))
+
     def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
         params = list(self.parameters())
         # The fused kernel updates every tensor in one pass (5x faster on CPU than the per-tensor
         # loop that Adam otherwise picks there); same update up to float rounding.
         fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
-        optimizer = OPTIMIZERS[self.optimizer_name](
-            params, lr=hp.lr, betas=self.betas, weight_decay=hp.weight_decay, fused=fused
-        )
-        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, hp.lr_step_size, gamma=hp.lr_gamma)
+        optimizer = self.make_optimizer(params, fused=fused)
+        if self.hparams.get("scheduler") is None:
+            return {"optimizer": optimizer}
+        scheduler = build(self.hparams.scheduler, "scheduler", _partial_=True)(optimizer)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
@@ -145,11 +216,14 @@ class RecommenderModule(L.LightningModule):
         order = torch.argsort(users)
         return users[order], ranks[order]
 
-    def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor]:
+    def predict_step(
+        self, batch: Batch, batch_idx: int = 0, *, k: int | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The top ``k`` items of each user (None: ``predict_k``), padding never among them."""
         scores = F.pad(self.eval_scores(batch), (1, 0), value=float("-inf"))
         if "exclude" in batch:  # (B, H) items not to recommend (predict.exclude_history), 0 = pad
             scores = scores.scatter(1, batch["exclude"], float("-inf"))
-        values, items = top_k_items(scores, self.hparams.predict_k)
+        values, items = top_k_items(scores, self.hparams.predict_k if k is None else k)
         return {"user": batch["user"], "items": items, "scores": values}
 
     # -- checkpoint state ----------------------------------------------------------------
@@ -158,6 +232,8 @@ class RecommenderModule(L.LightningModule):
         # Plain data only (no OmegaConf lists in hparams): loadable with weights_only=True.
         checkpoint.update(plain(checkpoint))
         checkpoint["validation"] = dict(self.validation)
+        # The class to call load_from_checkpoint on (eval.py reads it; never guessed).
+        checkpoint[MODEL_CLASS] = f"{type(self).__module__}.{type(self).__qualname__}"
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.best = dict(checkpoint.get("best_metrics", {}))
@@ -168,11 +244,72 @@ class DiffusionRecommender(RecommenderModule):
     """A recommender whose reverse process reconstructs a target embedding x0 (B, d) that is
     rounded to items through the shared item table (``self.items``).
 
-    Subclasses provide ``reverse(batch, member, steps, sampler)``: one ensemble member's x0 from
-    per-user reproducible noise, running sampler ``sampler`` over ``steps`` evenly spaced levels
-    of the trained T (None: the configured sampling). ``hparams.ensemble_size`` members are averaged as softmax
-    distributions (DiffuRecSys Algorithm 3).
+    The constructor checks what every diffusion model shares and records it; a subclass then
+    builds its item table (first: the weights draw from the seeded RNG in this order) and calls
+    ``build_denoiser``. Subclasses provide ``reverse(batch, member, steps, sampler)``: one
+    ensemble member's x0 from per-user reproducible noise, running sampler ``sampler`` over
+    ``steps`` evenly spaced levels of the trained T (None: the configured sampling).
+    ``ensemble_size`` members are averaged as softmax distributions (DiffuRecSys Algorithm 3).
+
+    ``sampler`` ({name, steps}) is the reverse process of validation, test and predict;
+    ``val_sampler`` ({name, steps}, a missing or null field = the sampler's) replaces it at
+    training's validations only, which may then be cheaper.
     """
+
+    def __init__(
+        self,
+        *,
+        num_items: int,
+        sampler: Node | None = None,
+        val_sampler: Node | None = None,
+        ensemble_size: int = 1,
+        optimizer: Node | None = None,
+        scheduler: Node | None = None,
+        ks: Sequence[int] = (5, 10, 20),
+        monitor: str = "val/ndcg@10",
+        predict_k: int = 20,
+    ) -> None:
+        require(num_items >= 1, f"num_items must be >= 1, got {num_items}")
+        require(ensemble_size >= 1, f"model.ensemble_size must be >= 1, got {ensemble_size}")
+        super().__init__(
+            optimizer=optimizer, scheduler=scheduler, ks=ks, monitor=monitor, predict_k=predict_k
+        )
+
+    def build_denoiser(self, net: Node, diffusion: Node) -> None:
+        """``self.net`` and ``self.diffusion`` from their config nodes (the same T in both)."""
+        self.net = self.build_net(net)
+        self.diffusion = build(diffusion, "diffusion")
+        steps = net.get("num_steps", self.diffusion.num_steps)
+        require(
+            steps == self.diffusion.num_steps,
+            f"model.net.num_steps ({steps}) must equal model.diffusion.num_steps "
+            f"({self.diffusion.num_steps})",
+        )
+        for key in ("sampler", "val_sampler"):
+            unknown = set(self.hparams.get(key) or {}) - set(DEFAULT_SAMPLER)
+            require(not unknown, f"model.{key} has unknown keys {sorted(unknown)}; use name, steps")
+        for key, (name, steps) in (
+            ("sampler", self.sampling()),
+            ("val_sampler", self.sampling(**self.validation_sampling())),
+        ):
+            with config_errors(f"model.{key}"):
+                check_sampler(name, steps, self.diffusion.num_steps)
+
+    @property
+    def sampler(self) -> dict[str, Any]:
+        """The configured sampler: ``sampler`` over the defaults (all T ancestral steps)."""
+        return {**DEFAULT_SAMPLER, **(self.hparams.get("sampler") or {})}
+
+    def sampling(
+        self, steps: int | None = None, sampler: str | None = None
+    ) -> tuple[str, int | None]:
+        """(sampler name, steps) to run: the given ones, else the configured (None steps: all T)."""
+        return sampler or self.sampler["name"], self.sampler["steps"] if steps is None else steps
+
+    def validation_sampling(self) -> dict[str, Any]:
+        """``val_sampler`` as ``eval_scores`` arguments (None: the configured sampler's)."""
+        node = self.hparams.get("val_sampler") or {}
+        return {"steps": node.get("steps"), "sampler": node.get("name")}
 
     def reverse(
         self, batch: Batch, member: int = 0, steps: int | None = None, sampler: str | None = None
@@ -180,16 +317,21 @@ class DiffusionRecommender(RecommenderModule):
         raise NotImplementedError
 
     def eval_scores(
-        self, batch: Batch, steps: int | None = None, sampler: str | None = None
+        self,
+        batch: Batch,
+        steps: int | None = None,
+        sampler: str | None = None,
+        ensemble_size: int | None = None,
     ) -> torch.Tensor:
-        """(B, N) ranking scores; with an ensemble, the averaged softmax distributions."""
-        members = self.hparams.ensemble_size
+        """(B, N) ranking scores; with an ensemble (None: ``ensemble_size``), the averaged
+        softmax distributions."""
+        members = self.hparams.ensemble_size if ensemble_size is None else ensemble_size
         # Ranking in float32 whatever the autocast: bf16 scores would create spurious ties.
         with torch.autocast(self.device.type, enabled=False):
             table = self.items.table.weight[1:].float()
 
             def scores(member: int) -> torch.Tensor:
-                return self.reverse(batch, member, steps, sampler).float() @ table.t()
+                return self.reverse(batch, member, steps, sampler).float() @ table.t()  # (B, N)
 
             if members == 1:
                 return scores(0)

@@ -72,7 +72,6 @@ class PopularityRecommender(RecommenderModule):
     ) -> None:
         require(num_items >= 1, f"num_items must be >= 1, got {num_items}")
         super().__init__(ks=ks, monitor=monitor, predict_k=predict_k)
-        self.save_hyperparameters()
         # Sized by fit_counts (or by the checkpoint being loaded); empty = not fitted.
         self.register_buffer("popularity", torch.zeros(0))
 
@@ -160,7 +159,6 @@ class MarkovRecommender(PopularityRecommender):
         super().__init__(
             num_items=num_items, name=name, ks=ks, monitor=monitor, predict_k=predict_k
         )
-        self.save_hyperparameters()
         # The transition counts C as a CSR matrix (N+1, N+1): row a = items that followed a.
         self.register_buffer("crow", torch.zeros(0, dtype=torch.long))
         self.register_buffer("col", torch.zeros(0, dtype=torch.long))

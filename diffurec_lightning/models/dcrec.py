@@ -128,6 +128,12 @@ class DualConditionalTransformer(nn.Module):
         num_steps: int,
         attention_mask: str = "keys",
     ) -> None:
+        if num_heads < 1 or hidden_size % num_heads:
+            raise ValueError(
+                f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})"
+            )
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
         super().__init__()
         if attention_mask not in ATTENTION_MASKS:
             raise ValueError(

@@ -10,18 +10,20 @@ S0_hat is rounded through the shared item table.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from diffurec_lightning.diffusion.gaussian import GaussianDiffusion
 from diffurec_lightning.diffusion.noise import UserNoise
-from diffurec_lightning.diffusion.samplers import check_sampler, sample
-from diffurec_lightning.errors import ConfigError
-from diffurec_lightning.models.base import Batch, DiffusionRecommender, require
-from diffurec_lightning.models.dcrec import DualConditionalTransformer
+from diffurec_lightning.diffusion.samplers import sample
+from diffurec_lightning.models.base import (
+    Batch,
+    DiffusionRecommender,
+    Node,
+    config_errors,
+    require,
+)
 from diffurec_lightning.models.embedding import ItemEmbedding
 
 # Distinct ensemble members draw distinct noise streams for the same user (as DiffusionRecModule).
@@ -83,79 +85,69 @@ def dcrec_loss_terms(
 
 
 class DCRecModule(DiffusionRecommender):
-    """Dual Conditional Diffusion for sequential recommendation; defaults = authors' Beauty run."""
+    """Dual Conditional Diffusion for sequential recommendation; defaults = authors' Beauty run.
+
+    ``net`` (the DualConditionalTransformer) and ``diffusion`` are config nodes (see base.py).
+    """
 
     def __init__(
         self,
         *,
         num_items: int,
+        net: Node,
+        diffusion: Node,
         name: str = "dcrec",
         hidden_size: int = 128,
-        num_blocks: int = 4,
-        num_heads: int = 4,
-        dropout: float = 0.1,
         emb_dropout: float = 0.4,
         item_init: str = "small_normal",
         position_init: str = "small_normal",
         max_len: int = 50,
-        num_steps: int = 50,
-        schedule: str = "linear",
-        variance: str = "posterior",
-        delta: float = 0.1,
+        prior_offset_strength: float = 0.1,
         offset_in_training: bool = True,
         stop_target_gradient: bool = True,
         prior_positions: str = "real",
-        attention_mask: str = "keys",
-        sampler: Mapping[str, Any] | None = None,
+        sampler: Node | None = None,
+        val_sampler: Node | None = None,
         lambda_start: float = 0.2,
         lambda_floor: float = 0.003,
         lambda_epochs: int = 150,
         lambda_power: float = 9.0,
         ensemble_size: int = 1,
         eval_seed: int = 0,
-        lr: float = 0.004,
-        weight_decay: float = 0.0,
-        optimizer: str = "adam",
-        betas: Sequence[float] = (0.9, 0.999),
-        lr_step_size: int = 100,
-        lr_gamma: float = 1.0,
+        optimizer: Node | None = None,
+        scheduler: Node | None = None,
         ks: Sequence[int] = (5, 10, 20),
         monitor: str = "val/ndcg@10",
         predict_k: int = 20,
     ) -> None:
-        require(num_items >= 1, f"num_items must be >= 1, got {num_items}")
-        require(num_steps >= 1, f"model.num_steps (T) must be >= 1, got {num_steps}")
         require(max_len >= 2, f"model.max_len must be >= 2 (history + target), got {max_len}")
-        require(delta >= 0, f"model.delta must be >= 0, got {delta}")
-        require(0 <= dropout < 1 and 0 <= emb_dropout < 1, "model dropouts must lie in [0, 1)")
-        require(hidden_size % num_heads == 0, "model.hidden_size must be divisible by num_heads")
+        require(
+            prior_offset_strength >= 0,
+            f"model.prior_offset_strength must be >= 0, got {prior_offset_strength}",
+        )
+        require(0 <= emb_dropout < 1, f"model.emb_dropout must lie in [0, 1), got {emb_dropout}")
         require(
             prior_positions in PRIOR_POSITIONS,
             f"model.prior_positions must be one of {', '.join(PRIOR_POSITIONS)}, "
             f"got {prior_positions!r}",
         )
-        require(ensemble_size >= 1, f"model.ensemble_size must be >= 1, got {ensemble_size}")
         require(lambda_epochs >= 1, f"model.lambda_epochs must be >= 1, got {lambda_epochs}")
         require(
             lambda_start >= 0 and lambda_floor >= 0 and lambda_start + lambda_floor <= 1,
             "model.lambda_start and lambda_floor must be >= 0 with a sum <= 1",
         )
         super().__init__(
-            lr=lr,
-            weight_decay=weight_decay,
+            num_items=num_items,
+            sampler=sampler,
+            val_sampler=val_sampler,
+            ensemble_size=ensemble_size,
             optimizer=optimizer,
-            betas=betas,
-            lr_step_size=lr_step_size,
-            lr_gamma=lr_gamma,
+            scheduler=scheduler,
             ks=ks,
             monitor=monitor,
             predict_k=predict_k,
         )
-        sampler = {"name": "ancestral", "steps": None, **dict(sampler or {})}
-        self.save_hyperparameters(ignore=["sampler"])
-        self.hparams["sampler"] = sampler
-        try:
-            self.use_sampler(sampler["name"], sampler["steps"], num_steps)
+        with config_errors():
             self.items = ItemEmbedding(
                 num_items=num_items,
                 hidden_size=hidden_size,
@@ -165,24 +157,7 @@ class DCRecModule(DiffusionRecommender):
                 max_len=max_len,
                 position_init=position_init,
             )
-            self.network = DualConditionalTransformer(
-                hidden_size=hidden_size,
-                num_blocks=num_blocks,
-                num_heads=num_heads,
-                dropout=dropout,
-                num_steps=num_steps,
-                attention_mask=attention_mask,
-            )
-            self.diffusion = GaussianDiffusion(
-                num_steps=num_steps, schedule=schedule, variance=variance
-            )
-        except ValueError as exc:
-            raise ConfigError(f"model: {exc}") from None
-
-    def use_sampler(self, name: str, steps: int | None, num_steps: int | None = None) -> None:
-        """Switch the evaluation sampler (e.g. to measure accuracy against T')."""
-        check_sampler(name, steps, num_steps or self.hparams.num_steps)
-        self.hparams["sampler"] = {"name": name, "steps": steps}
+        self.build_denoiser(net, diffusion)
 
     def lambda_at(self, epoch: int) -> float:
         hp = self.hparams
@@ -201,10 +176,11 @@ class DCRecModule(DiffusionRecommender):
         x_start = self.items(start_ids)  # (B, W, d) S0
         noise = torch.randn_like(x_start)
         if self.hparams.offset_in_training:
-            noise = noise + self.hparams.delta * self.items(prior_ids)  # implicit condition K
-        t = torch.randint(self.hparams.num_steps, (len(target),), device=self.device)
+            prior = self.hparams.prior_offset_strength * self.items(prior_ids)
+            noise = noise + prior  # implicit condition K
+        t = torch.randint(self.diffusion.num_steps, (len(target),), device=self.device)
         x_t = self.diffusion.q_sample(x_start, t, noise)
-        x_start_pred = self.network(x_t, t, history, seq_mask, history_ids > 0)
+        x_start_pred = self.net(x_t, t, history, seq_mask, history_ids > 0)
         scores = self.items.scores(x_start_pred[:, -1])  # (B, N)
         # A trainable MSE target lets L_t shrink every embedding to one point (the loss then
         # vanishes while nothing is learned); as a constant target it cannot.
@@ -236,8 +212,8 @@ class DCRecModule(DiffusionRecommender):
         seq_mask = sequence_mask(prior_ids)
         history_mask = history_ids > 0
         history = self.items(history_ids)
-        prior_offset = hp.delta * self.items(prior_ids)  # (B, W, d)
-        cache = self.network.history_cache(history)  # step-independent: once per batch
+        prior_offset = hp.prior_offset_strength * self.items(prior_ids)  # (B, W, d)
+        cache = self.net.history_cache(history)  # step-independent: once per batch
         seed = hp.eval_seed + _ENSEMBLE_SEED_STRIDE * member
         noise = UserNoise(seed, batch["user"], self.device)
         counts, width, dim = seq_mask.sum(1), seq_mask.shape[1], history.shape[-1]
@@ -246,17 +222,12 @@ class DCRecModule(DiffusionRecommender):
             return noise.rows(counts, width, dim).to(history.dtype)
 
         def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return self.network(x_t, t, history, seq_mask, history_mask, cache=cache)
+            return self.net(x_t, t, history, seq_mask, history_mask, cache=cache)
 
-        x_T = draw() + prior_offset  # S_T = N(0, I) + delta K
+        x_T = draw() + prior_offset  # S_T = N(0, I) + prior_offset_strength K
+        sampler, steps = self.sampling(steps, sampler)
         return sample(
-            sampler or hp.sampler["name"],
-            self.diffusion,
-            denoise,
-            x_T,
-            draw,
-            steps=hp.sampler["steps"] if steps is None else steps,
-            forward_mean=prior_offset,
+            sampler, self.diffusion, denoise, x_T, draw, steps=steps, forward_mean=prior_offset
         )
 
     def reverse(

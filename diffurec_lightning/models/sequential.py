@@ -5,12 +5,11 @@ encoder here is trained with cross-entropy over all items. With ``all_positions=
 return the representation after every position instead, (B, L, d), for the per-position
 objective (position j predicts the item at j + 1; both encoders are causal, so position j sees
 the items up to j only). Shape legend: B batch, L history length, d hidden size; ``mask`` is
-True where the history holds a real item (left padding).
+True where the history holds a real item (left padding). Each is built from a ``model.net``
+config node whose ``_target_`` is the class.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 from torch import nn
@@ -116,16 +115,3 @@ class GRU4Rec(nn.Module):
         back = (columns - shift) % length
         states = outputs.gather(1, back[..., None].expand(-1, -1, outputs.shape[-1]))
         return self.project(self.dropout(states))  # (B, L, d)
-
-
-NETWORKS: dict[str, type[nn.Module]] = {"sasrec": SASRec, "gru4rec": GRU4Rec}
-
-
-def make_network(name: str, *, hidden_size: int, **options: Any) -> nn.Module:
-    """The encoder ``name`` with its own options (ValueError naming bad names or keys)."""
-    if name not in NETWORKS:
-        raise ValueError(f"unknown network '{name}'; choose one of: {', '.join(NETWORKS)}")
-    try:
-        return NETWORKS[name](hidden_size=hidden_size, **options)
-    except TypeError as exc:
-        raise ValueError(f"network '{name}': {exc}") from None

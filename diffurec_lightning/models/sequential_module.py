@@ -15,29 +15,34 @@ Evaluation is the shared path of RecommenderModule either way.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from diffurec_lightning.errors import ConfigError
-from diffurec_lightning.models.base import Batch, RecommenderModule, require
+from diffurec_lightning.models.base import (
+    Batch,
+    Node,
+    RecommenderModule,
+    config_errors,
+    require,
+)
 from diffurec_lightning.models.embedding import ItemEmbedding, cross_entropy
-from diffurec_lightning.models.sequential import make_network
 
 # The training samples each objective needs (data.train_samples).
 OBJECTIVES = {"last_position": "prefixes", "per_position": "sequences"}
 
 
 class SequentialRecModule(RecommenderModule):
-    """Item table + sequence encoder (``network.name``: sasrec | gru4rec) + full softmax."""
+    """Item table + sequence encoder (``net``: a config node, e.g. SASRec or GRU4Rec) + full
+    softmax."""
 
     def __init__(
         self,
         *,
         num_items: int,
-        network: Mapping[str, Any],
+        net: Node,
         name: str = "sasrec",
         objective: str = "last_position",
         hidden_size: int = 64,
@@ -45,12 +50,8 @@ class SequentialRecModule(RecommenderModule):
         position_embedding: bool = True,
         item_init: str = "small_normal",
         max_len: int = 50,
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        optimizer: str = "adam",
-        betas: Sequence[float] = (0.9, 0.999),
-        lr_step_size: int = 100,
-        lr_gamma: float = 1.0,
+        optimizer: Node | None = None,
+        scheduler: Node | None = None,
         ks: Sequence[int] = (5, 10, 20),
         monitor: str = "val/ndcg@10",
         predict_k: int = 20,
@@ -62,22 +63,10 @@ class SequentialRecModule(RecommenderModule):
             objective in OBJECTIVES,
             f"model.objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}",
         )
-        network = dict(network)
-        require("name" in network, "model.network needs a name: sasrec | gru4rec")
         super().__init__(
-            lr=lr,
-            weight_decay=weight_decay,
-            optimizer=optimizer,
-            betas=betas,
-            lr_step_size=lr_step_size,
-            lr_gamma=lr_gamma,
-            ks=ks,
-            monitor=monitor,
-            predict_k=predict_k,
+            optimizer=optimizer, scheduler=scheduler, ks=ks, monitor=monitor, predict_k=predict_k
         )
-        self.save_hyperparameters(ignore=["network"])
-        self.hparams["network"] = network
-        try:
+        with config_errors():
             self.items = ItemEmbedding(
                 num_items=num_items,
                 hidden_size=hidden_size,
@@ -86,10 +75,7 @@ class SequentialRecModule(RecommenderModule):
                 position_embedding=position_embedding,
                 max_len=max_len,
             )
-            options = {key: value for key, value in network.items() if key != "name"}
-            self.network = make_network(network["name"], hidden_size=hidden_size, **options)
-        except ValueError as exc:
-            raise ConfigError(f"model: {exc}") from None
+        self.net = self.build_net(net)
 
     @property
     def train_samples(self) -> str:
@@ -98,7 +84,7 @@ class SequentialRecModule(RecommenderModule):
 
     def represent(self, seq: torch.Tensor) -> torch.Tensor:
         """(B, L) left-padded ids -> (B, d) representation of the next item."""
-        return self.network(self.items(seq), seq > 0)
+        return self.net(self.items(seq), seq > 0)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         seq, target = batch["seq"], batch["target"]
@@ -112,7 +98,7 @@ class SequentialRecModule(RecommenderModule):
             loss = F.cross_entropy(scores.float(), target - 1)
             size = len(target)
         else:
-            states = self.network(self.items(seq), seq > 0, all_positions=True)  # (B, L, d)
+            states = self.net(self.items(seq), seq > 0, all_positions=True)  # (B, L, d)
             real = target > 0  # (B, L): positions with a next item (not padding)
             scores = self.items.scores(states[real])  # (P, N), P real positions
             loss = cross_entropy(scores.float(), target[real] - 1).mean()
