@@ -455,7 +455,8 @@ def main(argv: list[str]) -> dict[str, Any]:
     return results
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``diffurec-bench`` command (also ``python -m diffurec_lightning.bench``)."""
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
         run_worker(sys.argv[2])
     elif {"-h", "--help"} & set(sys.argv[1:]):
@@ -470,3 +471,7 @@ if __name__ == "__main__":
         except DiffuRecError as exc:
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli()

@@ -220,7 +220,8 @@ def main(argv: list[str]) -> dict[str, Any]:
     return result
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``diffurec-bench-tta`` command (also ``python -m diffurec_lightning.bench_tta``)."""
     if {"-h", "--help"} & set(sys.argv[1:]):
         print(__doc__)
         print(
@@ -232,3 +233,7 @@ if __name__ == "__main__":
         except DiffuRecError as exc:
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli()

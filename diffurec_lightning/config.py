@@ -6,7 +6,18 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+def _find_conf_dir() -> Path:
+    """``conf/`` of the source checkout (also an editable install's), else the copy a built
+    package ships inside itself (setup.py copies conf/ to diffurec_lightning/conf/)."""
+    package = Path(__file__).resolve().parent
+    shipped = package / "conf"
+    # The shipped copy first: a non-editable install lives in site-packages, whose parent may
+    # hold an unrelated conf/ folder; a checkout never has diffurec_lightning/conf/.
+    return shipped if (shipped / "train.yaml").is_file() else package.parent / "conf"
+
+
+CONF_DIR = _find_conf_dir()
 
 
 def compose_config(overrides: list[str] | None = None, config_name: str = "train") -> DictConfig:

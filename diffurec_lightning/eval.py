@@ -23,6 +23,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from diffurec_lightning.analysis.files import write_json
 from diffurec_lightning.checkpoints import load_checkpoint
+from diffurec_lightning.config import CONF_DIR
 from diffurec_lightning.errors import ConfigError, DiffuRecError
 
 DEFAULT_MODEL = "diffurec_lightning.models.diffusion_module.DiffusionRecModule"
@@ -191,7 +192,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return MODES[cfg.mode](cfg)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
 def main(cfg: DictConfig) -> None:
     try:
         evaluate(cfg)
@@ -205,7 +206,12 @@ def main(cfg: DictConfig) -> None:
             wandb.finish()
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``diffurec-eval`` command (also ``python -m diffurec_lightning.eval``)."""
     from diffurec_lightning.cli import run
 
     run(main, "eval")  # overrides checked first: one error line instead of Hydra's trace
+
+
+if __name__ == "__main__":
+    cli()

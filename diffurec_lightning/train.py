@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffurec_lightning.analysis.test_curve import TestEveryValidation
 from diffurec_lightning.checkpoints import check_checkpoint
+from diffurec_lightning.config import CONF_DIR
 from diffurec_lightning.errors import ConfigError, DiffuRecError
 from diffurec_lightning.launch.requeue import cluster_plugins, hpc_checkpoints
 from diffurec_lightning.precision import (
@@ -274,7 +275,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     try:
         if cfg.data.get("protocol", "standard") == "refit":
@@ -295,7 +296,12 @@ def main(cfg: DictConfig) -> float | None:
     return results["val_best"].get(cfg.monitor)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``diffurec-train`` command (also ``python -m diffurec_lightning.train``)."""
     from diffurec_lightning.cli import run
 
     run(main, "train")  # overrides checked first: one error line instead of Hydra's trace
+
+
+if __name__ == "__main__":
+    cli()

@@ -183,9 +183,14 @@ def main(argv: list[str]) -> dict[str, Any]:
     return result
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``diffurec-val-budget`` command (also ``python -m ...analysis.val_budget``)."""
     try:
         main(sys.argv[1:])
     except DiffuRecError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli()
