@@ -33,6 +33,8 @@ import numpy as np
 import torch
 
 from diffurec_lightning.errors import ConfigError, DiffuRecError
+from diffurec_lightning.io import write_text
+from diffurec_lightning.utils import task_wrapper
 
 REFERENCE = [
     "data.max_len=50",
@@ -447,11 +449,7 @@ def main(argv: list[str]) -> dict[str, Any]:
         results["runs"][alloc] = block
     print_report(results)
     if options.json:
-        path = Path(options.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(results, indent=2))
-        os.replace(tmp, path)
+        write_text(options.json, json.dumps(results, indent=2))
     return results
 
 
@@ -466,11 +464,7 @@ def cli() -> None:
             ", ".join(f.name for f in dataclasses.fields(BenchOptions)),
         )
     else:
-        try:
-            main(sys.argv[1:])
-        except DiffuRecError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            sys.exit(2)
+        task_wrapper(main)(sys.argv[1:])
 
 
 if __name__ == "__main__":

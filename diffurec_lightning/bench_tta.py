@@ -26,8 +26,9 @@ import lightning as L
 import torch
 from omegaconf import OmegaConf, open_dict
 
-from diffurec_lightning.analysis.files import write_json
-from diffurec_lightning.errors import ConfigError, DiffuRecError
+from diffurec_lightning.errors import ConfigError
+from diffurec_lightning.io import write_json
+from diffurec_lightning.utils import task_wrapper
 
 SHARES = (0.90, 0.95, 1.00)
 METRICS = ("val/hr@10", "val/ndcg@10")
@@ -228,11 +229,7 @@ def cli() -> None:
             "tta.<key>=<value> options:", ", ".join(f.name for f in dataclasses.fields(TTAOptions))
         )
     else:
-        try:
-            main(sys.argv[1:])
-        except DiffuRecError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            sys.exit(2)
+        task_wrapper(main)(sys.argv[1:])
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from diffurec_lightning.errors import ConfigError
+from diffurec_lightning.io import write_atomic
 
 
 def plain(value: Any) -> Any:
@@ -107,9 +108,7 @@ def convert(path: Path) -> None:
     """Rewrite a trusted checkpoint as plain data (full unpickler: only for your own files)."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     checkpoint.pop("hparams_type", None)  # the class of an OmegaConf container
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(plain(checkpoint), tmp)
-    tmp.replace(path)
+    write_atomic(path, lambda tmp: torch.save(plain(checkpoint), tmp))
 
 
 def main(argv: list[str] | None = None) -> int:

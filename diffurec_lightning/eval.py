@@ -9,7 +9,6 @@ rebuilt from the hyperparameters in the checkpoint; the dataset from the run's s
 from __future__ import annotations
 
 import json
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,10 +20,16 @@ import torch
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
-from diffurec_lightning.analysis.files import write_json
 from diffurec_lightning.checkpoints import load_checkpoint
 from diffurec_lightning.config import CONF_DIR
-from diffurec_lightning.errors import ConfigError, DiffuRecError
+from diffurec_lightning.errors import ConfigError
+from diffurec_lightning.io import write_json
+from diffurec_lightning.utils import (
+    instantiate_group,
+    print_metrics_table,
+    resolve_trainer_precision,
+    task_wrapper,
+)
 
 DEFAULT_MODEL = "diffurec_lightning.models.diffusion_module.DiffusionRecModule"
 
@@ -130,12 +135,6 @@ def plain_hparams(model: L.LightningModule) -> dict[str, Any]:
 
 def run_test(cfg: DictConfig) -> dict[str, Any]:
     """Test with the case-study callbacks; writes eval.json into the eval folder."""
-    from diffurec_lightning.train import (
-        instantiate_group,
-        print_metrics_table,
-        resolve_trainer_precision,
-    )
-
     started = time.time()
     cfg, datamodule, model = setup(cfg)
     resolve_trainer_precision(cfg)
@@ -194,16 +193,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
 def main(cfg: DictConfig) -> None:
-    try:
-        evaluate(cfg)
-    except DiffuRecError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        import wandb
-
-        if wandb.run is not None:
-            wandb.finish()
+    task_wrapper(evaluate)(cfg)
 
 
 def cli() -> None:

@@ -17,9 +17,9 @@ import numpy as np
 import polars as pl
 import torch
 
-from diffurec_lightning.analysis.files import write_parquet
 from diffurec_lightning.data.store import SequenceStore, load_id_maps
 from diffurec_lightning.errors import ConfigError, DataError
+from diffurec_lightning.io import write_parquet
 
 
 def _history_ends(store: SequenceStore) -> np.ndarray:

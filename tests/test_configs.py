@@ -9,7 +9,7 @@ from hydra.utils import instantiate
 from omegaconf import open_dict
 
 from diffurec_lightning.config import CONF_DIR, compose_config
-from diffurec_lightning.train import resolve_trainer_precision
+from diffurec_lightning.utils import resolve_trainer_precision
 
 
 def names(group: str) -> list[str]:

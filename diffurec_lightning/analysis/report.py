@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 
 from diffurec_lightning.analysis import plots
-from diffurec_lightning.analysis.files import copy_file, write_text
 from diffurec_lightning.analysis.seeds import (
     CASE_METRICS,
     METRICS,
@@ -38,6 +37,7 @@ from diffurec_lightning.analysis.tables import fmt as _fmt
 from diffurec_lightning.analysis.tables import published_lines, validation_test_lines
 from diffurec_lightning.analysis.tables import table as _table
 from diffurec_lightning.errors import DiffuRecError
+from diffurec_lightning.io import copy_file, write_text
 
 # Settings worth stating next to any number: the training budget and the model size.
 BUDGET_KEYS = (

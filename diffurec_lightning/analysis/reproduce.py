@@ -31,6 +31,7 @@ from omegaconf import DictConfig
 
 from diffurec_lightning.config import CONF_DIR, compose_config
 from diffurec_lightning.errors import ConfigError, DiffuRecError
+from diffurec_lightning.utils import finish_wandb
 
 
 def recipe(data: str, model: str) -> list[str]:
@@ -98,7 +99,7 @@ def reproduce(
             try:
                 train(cfg)
             finally:
-                _finish_wandb()
+                finish_wandb()
     return build_report(
         [out_dir],
         baseline,
@@ -108,13 +109,6 @@ def reproduce(
         title=f"Reproduction on {data}",
         command=command,
     )
-
-
-def _finish_wandb() -> None:
-    import wandb
-
-    if wandb.run is not None:
-        wandb.finish()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -23,7 +23,8 @@ from diffurec_lightning.diffusion.timesteps import make_timestep_sampler
 from diffurec_lightning.errors import ConfigError
 from diffurec_lightning.models.approximators import make_approximator
 from diffurec_lightning.models.base import Batch, DiffusionRecommender, require
-from diffurec_lightning.models.embedding import ItemEmbedding, cross_entropy
+from diffurec_lightning.models.embedding import ItemEmbedding
+from diffurec_lightning.models.functional import cross_entropy
 
 # Distinct ensemble members must draw distinct noise streams for the same user.
 _ENSEMBLE_SEED_STRIDE = 1_000_003

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from diffurec_lightning.errors import ConfigError
 from diffurec_lightning.models.base import Batch, RecommenderModule, require
-from diffurec_lightning.models.embedding import ItemEmbedding, cross_entropy
+from diffurec_lightning.models.embedding import ItemEmbedding
+from diffurec_lightning.models.functional import cross_entropy
 from diffurec_lightning.models.sequential import make_network
 
 # The training samples each objective needs (data.train_samples).
