@@ -139,7 +139,7 @@ def _reached(entry: dict[str, Any] | None) -> str:
 
 
 def print_report(result: dict[str, Any]) -> None:
-    from diffurec_lightning.bench import machine_line
+    from diffurec_lightning.bench_report import machine_line
 
     print("\n" + machine_line(result["machine"]))
     print(f"config:  {' '.join(result['overrides'])}")
@@ -174,7 +174,7 @@ def print_report(result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str]) -> dict[str, Any]:
-    from diffurec_lightning.bench import machine
+    from diffurec_lightning.bench_report import machine
     from diffurec_lightning.config import compose_config
     from diffurec_lightning.train import train
 
