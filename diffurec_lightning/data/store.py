@@ -19,7 +19,6 @@ DataModule memory-maps, so no padded matrix of prefixes is ever materialised.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import shutil
@@ -234,13 +233,8 @@ def _rebuild_arrays(cache_dir: Path) -> None:
         ("items.npy", sequences["items"].explode().to_numpy().astype(np.int32)),
         ("offsets.npy", offsets),
     ):
-        # np.save on a path would append .npy to the temp name: write through a handle.
-        write_atomic(cache_dir / name, functools.partial(_save_npy, array), suffix=".npy")
-
-
-def _save_npy(array: np.ndarray, path: str) -> None:
-    with open(path, "wb") as handle:
-        np.save(handle, array)
+        # The .npy suffix: np.save appends one to a file name that lacks it.
+        write_atomic(cache_dir / name, lambda tmp, a=array: np.save(tmp, a), suffix=".npy")
 
 
 def load_sequences(cache_dir: Path) -> pl.DataFrame:
