@@ -3,8 +3,9 @@ it); .ci/install-check then runs the commands of a real non-editable install."""
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
+
+import pytest
 
 from diffurec_lightning.config import CONF_DIR, find_conf_dir
 
@@ -28,6 +29,7 @@ def test_an_installed_package_reads_the_conf_it_ships(tmp_path: Path) -> None:
 def test_every_console_script_names_a_function() -> None:
     import importlib
 
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     assert {"diffurec-train", "diffurec-eval", "diffurec-prepare", "diffurec-report"} <= set(
         scripts
