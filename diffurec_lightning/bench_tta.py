@@ -26,8 +26,9 @@ import lightning as L
 import torch
 from omegaconf import OmegaConf, open_dict
 
-from diffurec_lightning.analysis.files import write_json
-from diffurec_lightning.errors import ConfigError, DiffuRecError
+from diffurec_lightning.errors import ConfigError
+from diffurec_lightning.io import write_json
+from diffurec_lightning.utils import task_wrapper
 
 SHARES = (0.90, 0.95, 1.00)
 METRICS = ("val/hr@10", "val/ndcg@10")
@@ -138,7 +139,7 @@ def _reached(entry: dict[str, Any] | None) -> str:
 
 
 def print_report(result: dict[str, Any]) -> None:
-    from diffurec_lightning.bench import machine_line
+    from diffurec_lightning.bench_report import machine_line
 
     print("\n" + machine_line(result["machine"]))
     print(f"config:  {' '.join(result['overrides'])}")
@@ -173,7 +174,7 @@ def print_report(result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str]) -> dict[str, Any]:
-    from diffurec_lightning.bench import machine
+    from diffurec_lightning.bench_report import machine
     from diffurec_lightning.config import compose_config
     from diffurec_lightning.train import train
 
@@ -220,15 +221,16 @@ def main(argv: list[str]) -> dict[str, Any]:
     return result
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``diffurec-bench-tta`` command (also ``python -m diffurec_lightning.bench_tta``)."""
     if {"-h", "--help"} & set(sys.argv[1:]):
         print(__doc__)
         print(
             "tta.<key>=<value> options:", ", ".join(f.name for f in dataclasses.fields(TTAOptions))
         )
     else:
-        try:
-            main(sys.argv[1:])
-        except DiffuRecError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            sys.exit(2)
+        task_wrapper(main)(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    cli()

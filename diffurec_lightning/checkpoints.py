@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from diffurec_lightning.errors import ConfigError
+from diffurec_lightning.io import write_atomic
 
 # The checkpoint entry naming the module class ("package.module.Class").
 MODEL_CLASS = "model_class"
@@ -136,9 +137,7 @@ def convert(path: Path) -> None:
         from diffurec_lightning.checkpoint_upgrade import upgrade
 
         checkpoint = upgrade(checkpoint)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(checkpoint, tmp)
-    tmp.replace(path)
+    write_atomic(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,18 @@ from omegaconf import DictConfig
 
 from diffurec_lightning.schemas import register as register_schemas
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+def find_conf_dir(package: Path) -> Path:
+    """The configs of the package folder ``package``: the copy a built package ships inside
+    itself (setup.py copies conf/ to diffurec_lightning/conf/), else ``conf/`` of the source
+    checkout (also what an editable install reads)."""
+    shipped = package / "conf"
+    # The shipped copy first: an installed package lives in site-packages, beside which an
+    # unrelated conf/ folder may lie; a checkout never has diffurec_lightning/conf/.
+    return shipped if (shipped / "train.yaml").is_file() else package.parent / "conf"
+
+
+CONF_DIR = find_conf_dir(Path(__file__).resolve().parent)
 
 
 def compose_config(overrides: list[str] | None = None, config_name: str = "train") -> DictConfig:

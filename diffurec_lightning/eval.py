@@ -10,7 +10,6 @@ README's snippet does the same); the dataset comes from the run's saved config.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,10 +21,17 @@ import torch
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
-from diffurec_lightning.analysis.files import write_json
 from diffurec_lightning.checkpoints import MODEL_CLASS, load_checkpoint
+from diffurec_lightning.config import CONF_DIR
 from diffurec_lightning.data.sources import legacy_data_config
-from diffurec_lightning.errors import ConfigError, DiffuRecError
+from diffurec_lightning.errors import ConfigError
+from diffurec_lightning.io import write_json
+from diffurec_lightning.utils import (
+    instantiate_group,
+    print_metrics_table,
+    resolve_trainer_precision,
+    task_wrapper,
+)
 
 
 def find_run_dir(ckpt_path: Path) -> Path | None:
@@ -148,12 +154,6 @@ def plain_hparams(model: L.LightningModule) -> dict[str, Any]:
 
 def run_test(cfg: DictConfig) -> dict[str, Any]:
     """Test with the case-study callbacks; writes eval.json into the eval folder."""
-    from diffurec_lightning.train import (
-        instantiate_group,
-        print_metrics_table,
-        resolve_trainer_precision,
-    )
-
     started = time.time()
     cfg, datamodule, model = setup(cfg)
     resolve_trainer_precision(cfg)
@@ -177,7 +177,6 @@ def run_predict(cfg: DictConfig) -> dict[str, Any]:
     """Top-K recommendations to parquet through ``trainer.predict`` (trainer.* sets devices and
     precision; callbacks.progress_bar shows progress)."""
     from diffurec_lightning.predict import predict_to_parquet
-    from diffurec_lightning.train import instantiate_group, resolve_trainer_precision
 
     if not cfg.predict.get("out"):
         raise ConfigError("mode=predict needs predict.out=<file.parquet>")
@@ -225,21 +224,17 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return MODES[cfg.mode](cfg)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
 def main(cfg: DictConfig) -> None:
-    try:
-        evaluate(cfg)
-    except DiffuRecError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        import wandb
-
-        if wandb.run is not None:
-            wandb.finish()
+    task_wrapper(evaluate)(cfg)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``diffurec-eval`` command (also ``python -m diffurec_lightning.eval``)."""
     from diffurec_lightning.cli import run
 
     run(main, "eval")  # overrides checked first: one error line instead of Hydra's trace
+
+
+if __name__ == "__main__":
+    cli()

@@ -28,9 +28,9 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from diffurec_lightning.analysis.files import atomic_path
 from diffurec_lightning.data.store import SequenceStore, load_id_maps
 from diffurec_lightning.errors import ConfigError, DataError
+from diffurec_lightning.io import atomic_path
 
 
 def _history_ends(store: SequenceStore) -> np.ndarray:

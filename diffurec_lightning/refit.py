@@ -24,7 +24,8 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffurec_lightning.errors import ConfigError
-from diffurec_lightning.train import train, write_json_atomic
+from diffurec_lightning.io import write_json
+from diffurec_lightning.train import train
 
 
 def checkpoint_epochs(path: str) -> int:
@@ -97,5 +98,5 @@ def refit(cfg: DictConfig) -> dict[str, Any]:
     results = train(_phase_config(cfg, **values))
     results["refit"] = {"epochs": epochs, **record}
     if rank_zero_only.rank == 0:
-        write_json_atomic(Path(cfg.paths.output_dir) / "results.json", results)
+        write_json(Path(cfg.paths.output_dir) / "results.json", results)
     return results

@@ -7,7 +7,6 @@ these files, never from a W&B server.
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,22 +19,18 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffurec_lightning.analysis.test_curve import TestEveryValidation
 from diffurec_lightning.checkpoints import check_checkpoint
+from diffurec_lightning.config import CONF_DIR
 from diffurec_lightning.errors import ConfigError, DiffuRecError
+from diffurec_lightning.io import write_json
 from diffurec_lightning.launch.requeue import cluster_plugins, hpc_checkpoints
-from diffurec_lightning.precision import (
-    AUTO,
-    FP32,
-    cpu_has_native_bf16,
-    describe_precision,
-    resolve_precision,
+from diffurec_lightning.utils import (
+    instantiate_group,
+    log_best_checkpoint,
+    print_metrics_table,
+    resolve_trainer_precision,
+    task_wrapper,
+    warn_if_bf16_is_emulated,
 )
-
-
-def instantiate_group(group: DictConfig | None) -> list[Any]:
-    """Instantiate every ``_target_`` entry of a logger/callback group (null entries skipped)."""
-    if not group:
-        return []
-    return [instantiate(entry) for entry in group.values() if entry and "_target_" in entry]
 
 
 def _user_error(exc: BaseException) -> DiffuRecError | None:
@@ -90,64 +85,6 @@ def check_train_samples(datamodule: L.LightningDataModule, model: L.LightningMod
         )
 
 
-def warn_if_bf16_is_emulated(trainer: L.Trainer) -> None:
-    """bf16-mixed on a CPU without bf16 instructions runs about 15x slower than fp32
-    (docs/performance.md); say so before an hour is lost, and how to fix it."""
-    from lightning.pytorch.utilities import rank_zero_warn
-
-    precision = str(trainer.precision)
-    on_cpu = trainer.strategy.root_device.type == "cpu"
-    if precision.startswith("bf16") and on_cpu and not cpu_has_native_bf16():
-        rank_zero_warn(
-            f"trainer.precision={precision} on a CPU without AVX-512 BF16/AMX: bf16 products "
-            "are emulated and training is about 15x slower; use trainer.precision=auto or 32-true"
-        )
-
-
-def resolve_trainer_precision(cfg: DictConfig) -> str:
-    """Replace ``trainer.precision: auto`` by what this hardware runs best; log the choice."""
-    from lightning.pytorch.utilities import rank_zero_info
-
-    trainer_cfg = cfg.trainer
-    chosen = resolve_precision(trainer_cfg.get("precision", FP32), trainer_cfg.get("accelerator"))
-    if str(trainer_cfg.get("precision")) == AUTO:
-        rank_zero_info(
-            f"trainer.precision=auto: {describe_precision(chosen, trainer_cfg.get('accelerator'))}"
-        )
-    with open_dict(cfg):
-        cfg.trainer.precision = chosen
-    return chosen
-
-
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    # Mode 0644 like every other output, NaN as null (analysis.files.write_json).
-    from diffurec_lightning.analysis.files import write_json
-
-    write_json(path, payload)
-
-
-def print_metrics_table(
-    title: str, metrics: dict[str, float], validation: dict[str, Any] | None = None
-) -> None:
-    """Test metrics, under the validation metrics of the same checkpoint when given."""
-    from rich.console import Console
-    from rich.table import Table
-
-    # Overall metrics only ("test/hr@10"); per-group case-study keys ("test/head/hr@10") stay in
-    # results.json and case_studies.json.
-    names = [key.split("/")[-1] for key in metrics if key.count("/") == 1]
-    table = Table(title=title)
-    table.add_column("split")
-    for name in names:
-        table.add_column(name, justify="right")
-    if validation:
-        epoch = validation.get("epoch")
-        label = "validation" + (f" (epoch {epoch})" if epoch is not None else "")
-        table.add_row(label, *(f"{validation.get(f'val/{n}', float('nan')):.4f}" for n in names))
-    table.add_row("test", *(f"{metrics[f'test/{n}']:.4f}" for n in names))
-    Console().print(table)
-
-
 def _checkpoint_callback(trainer: L.Trainer) -> Any:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -172,22 +109,6 @@ def resume_checkpoint(cfg: DictConfig, trainer: L.Trainer) -> str | None:
         candidates.append(Path(checkpoint.dirpath) / f"{checkpoint.CHECKPOINT_NAME_LAST}.ckpt")
     existing = [path for path in candidates if path.is_file()]
     return str(max(existing, key=lambda path: path.stat().st_mtime_ns)) if existing else None
-
-
-def log_best_checkpoint(trainer: L.Trainer, path: str) -> None:
-    """Attach the best checkpoint to the W&B run as a model artifact (offline runs keep it for
-    `wandb sync`)."""
-    from lightning.pytorch.loggers import WandbLogger
-
-    if not path:
-        return
-    for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger):
-            import wandb
-
-            artifact = wandb.Artifact(f"model-{logger.experiment.id}", type="model")
-            artifact.add_file(path, name="best.ckpt")
-            logger.experiment.log_artifact(artifact, aliases=["best"])
 
 
 def tested_validation(model: L.LightningModule, best_path: str, tested: bool) -> dict[str, Any]:
@@ -265,7 +186,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         results["history"] = curve.history
     if trainer.is_global_zero:
         # results.json first: it is the run's record, the artifact upload only a copy.
-        write_json_atomic(Path(cfg.paths.output_dir) / "results.json", results)
+        write_json(Path(cfg.paths.output_dir) / "results.json", results)
         log_best_checkpoint(trainer, best_path)
         log_selected_validation(trainer, tested)
         if test_metrics:
@@ -274,28 +195,29 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@task_wrapper
+def train_or_refit(cfg: DictConfig) -> dict[str, Any]:
+    """``train``, or ``refit`` for ``data.protocol=refit`` (which runs train() itself)."""
+    if cfg.data.get("protocol", "standard") == "refit":
+        from diffurec_lightning.refit import refit
+
+        return refit(cfg)
+    return train(cfg)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    try:
-        if cfg.data.get("protocol", "standard") == "refit":
-            from diffurec_lightning.refit import refit  # it runs train() itself
-
-            results = refit(cfg)
-        else:
-            results = train(cfg)
-    except DiffuRecError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        import wandb
-
-        if wandb.run is not None:
-            wandb.finish()
+    results = train_or_refit(cfg)
     # The value a Hydra sweeper would optimise.
     return results["val_best"].get(cfg.monitor)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``diffurec-train`` command (also ``python -m diffurec_lightning.train``)."""
     from diffurec_lightning.cli import run
 
     run(main, "train")  # overrides checked first: one error line instead of Hydra's trace
+
+
+if __name__ == "__main__":
+    cli()

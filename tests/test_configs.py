@@ -17,7 +17,7 @@ from diffurec_lightning.checkpoints import MODEL_CLASS
 from diffurec_lightning.cli import check_overrides
 from diffurec_lightning.config import CONF_DIR, compose_config
 from diffurec_lightning.errors import ConfigError
-from diffurec_lightning.train import resolve_trainer_precision
+from diffurec_lightning.utils import resolve_trainer_precision
 
 
 def names(group: str) -> list[str]:

@@ -20,13 +20,13 @@ import numpy as np
 import polars as pl
 import pytest
 
-from diffurec_lightning.analysis.files import write_json
 from diffurec_lightning.config import run_key
 from diffurec_lightning.data.batching import EvalBatchSampler
 from diffurec_lightning.data.scratch import stale_scratch
 from diffurec_lightning.data.store import is_cached, load_store, read_meta
 from diffurec_lightning.data.synthetic import prepare_synthetic
 from diffurec_lightning.errors import ConfigError, DataError
+from diffurec_lightning.io import write_json
 
 FILES = ("sequences.parquet", "user_ids.parquet", "item_ids.parquet", "items.npy", "offsets.npy")
 

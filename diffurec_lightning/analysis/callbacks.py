@@ -22,7 +22,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from diffurec_lightning.analysis import groups, plots
-from diffurec_lightning.analysis.files import write_json, write_parquet
+from diffurec_lightning.io import write_json, write_parquet
 
 
 def log_images(trainer: L.Trainer, key: str, paths: Sequence[Path]) -> None:

@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from diffurec_lightning.analysis import plots
-from diffurec_lightning.analysis.files import write_json, write_text
 from diffurec_lightning.analysis.groups import metrics_from_ranks
 from diffurec_lightning.errors import ConfigError
+from diffurec_lightning.io import write_json, write_text
 from diffurec_lightning.metrics import target_ranks
 from diffurec_lightning.models.base import DiffusionRecommender
 from diffurec_lightning.progress import track
@@ -148,7 +148,7 @@ def curves_report(
     cfg: DictConfig, datamodule: Any, model: L.LightningModule, device: torch.device
 ) -> dict[str, Any]:
     """Measure, then write curves.{json,md,png} into the eval folder and log them to W&B."""
-    from diffurec_lightning.train import instantiate_group
+    from diffurec_lightning.utils import instantiate_group
 
     c = cfg.curves
     dataset = datamodule.dataset("test")

@@ -13,7 +13,7 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
-from diffurec_lightning.analysis.files import write_atomic
+from diffurec_lightning.io import write_atomic
 
 FIG_DPI = 100
 WIDE = (10.0, 4.0)  # inches: 1000 x 400 px

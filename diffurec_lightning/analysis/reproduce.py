@@ -38,6 +38,7 @@ from omegaconf import DictConfig
 
 from diffurec_lightning.config import CONF_DIR, compose_config
 from diffurec_lightning.errors import ConfigError, DiffuRecError
+from diffurec_lightning.utils import finish_wandb
 
 
 def recipe(data: str, model: str, preset: bool = True) -> list[str]:
@@ -126,7 +127,7 @@ def reproduce(
             try:
                 train(cfg)
             finally:
-                _finish_wandb()
+                finish_wandb()
     return build_report(
         [out_dir],
         baseline,
@@ -136,13 +137,6 @@ def reproduce(
         title=f"Reproduction on {data}",
         command=command,
     )
-
-
-def _finish_wandb() -> None:
-    import wandb
-
-    if wandb.run is not None:
-        wandb.finish()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

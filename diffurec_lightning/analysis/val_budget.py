@@ -24,8 +24,9 @@ import numpy as np
 import torch
 
 from diffurec_lightning.analysis import plots
-from diffurec_lightning.analysis.files import write_json, write_text
-from diffurec_lightning.errors import ConfigError, DiffuRecError
+from diffurec_lightning.errors import ConfigError
+from diffurec_lightning.io import write_json, write_text
+from diffurec_lightning.utils import task_wrapper
 
 METRICS = ("val/hr@10", "val/ndcg@10")
 DEFAULT_SETTINGS = "ancestral:32,ancestral:1,ancestral:2,ancestral:4,ddim:1,ddim:2,ddim:4"
@@ -183,9 +184,10 @@ def main(argv: list[str]) -> dict[str, Any]:
     return result
 
 
+def cli() -> None:
+    """The ``diffurec-val-budget`` command (also ``python -m ...analysis.val_budget``)."""
+    task_wrapper(main)(sys.argv[1:])
+
+
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except DiffuRecError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    cli()

@@ -8,10 +8,7 @@ checked against the SHA-256 below before the restricted unpickler ever sees them
 
 from __future__ import annotations
 
-import hashlib
 import os
-import shutil
-import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -23,6 +20,7 @@ import polars as pl
 from diffurec_lightning.data.safe_pickle import safe_load
 from diffurec_lightning.data.store import is_cached, read_meta, write_cache
 from diffurec_lightning.errors import DataError
+from diffurec_lightning.io import copy_file, sha256_file, write_atomic
 
 MIRROR_ENV = "DIFFUREC_DATA_MIRROR"
 _REPO = "https://github.com/WHUIR/DiffuRec/raw/main/datasets/data"
@@ -64,16 +62,8 @@ def get_benchmark(name: str) -> Benchmark:
         ) from None
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _verify(path: Path, expected: str) -> None:
-    actual = sha256_of(path)
+    actual = sha256_file(path)
     if actual != expected:
         raise DataError(
             f"{path}: wrong SHA-256 {actual[:12]}… (expected {expected[:12]}…); the file is "
@@ -85,10 +75,8 @@ def _download(url: str, target: Path) -> None:
     """Stream ``url`` to ``target`` with a progress bar; the file appears only when complete."""
     from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response, os.fdopen(fd, "wb") as out:
+    def stream(tmp: str) -> None:
+        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as out:
             total = int(response.headers.get("Content-Length") or 0) or None
             with Progress(
                 *Progress.get_default_columns(), DownloadColumn(), TransferSpeedColumn()
@@ -97,9 +85,10 @@ def _download(url: str, target: Path) -> None:
                 for block in iter(lambda: response.read(1 << 16), b""):
                     out.write(block)
                     bar.advance(task, len(block))
-        os.replace(tmp, target)
+
+    try:
+        write_atomic(target, stream, suffix=".part")
     except (urllib.error.URLError, OSError) as exc:
-        Path(tmp).unlink(missing_ok=True)
         raise DataError(
             f"could not download {url} ({exc}); when offline, set {MIRROR_ENV} to a folder "
             "holding <name>/dataset.pkl (e.g. ../shared/data)"
@@ -125,11 +114,7 @@ def fetch_raw(name: str, raw_dir: Path, mirror: str | Path | None = None) -> Pat
                 f"{name}/dataset.pkl (unset {MIRROR_ENV} to download instead)"
             )
         _verify(source, bench.sha256)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".part")
-        os.close(fd)
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
+        copy_file(source, target)
     else:
         _download(bench.url, target)
     try:
@@ -199,7 +184,7 @@ def convert_pickle(
     meta = {
         "name": name,
         "source": str(pickle_path),
-        "source_sha256": sha256 or sha256_of(Path(pickle_path)),
+        "source_sha256": sha256 or sha256_file(pickle_path),
     }
     return write_cache(cache_dir, frame, user_ids, item_ids, meta)
 

@@ -8,7 +8,6 @@ file is streamed once into a typed temporary parquet file, which later passes re
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from diffurec_lightning.data import preprocess as pp
 from diffurec_lightning.data.scratch import scratch_dir
 from diffurec_lightning.data.store import MIN_SEQUENCE_LENGTH, write_cache
 from diffurec_lightning.errors import DataError
+from diffurec_lightning.io import sha256_file
 
 FORMATS = ("csv", "tsv", "parquet", "recbole", "movielens")
 SUFFIX_FORMATS = {
@@ -154,14 +154,6 @@ def check_columns(
             f"{path}: column(s) {sorted(set(missing.values()))} not found; the file has {present}; "
             f"fix {keys}{hint}"
         )
-
-
-def file_sha256(path: Path, chunk_bytes: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _describe_problem(path: Path, row: dict, columns: dict[str, str | None]) -> str:
@@ -369,7 +361,7 @@ def import_interactions(
     meta = {
         "name": name or path.stem,
         "source": str(path),
-        "source_sha256": file_sha256(path),
+        "source_sha256": sha256_file(path),
         "source_format": format,
         "columns": columns,
         "min_rating": min_rating,

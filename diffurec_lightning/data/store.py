@@ -19,11 +19,9 @@ DataModule memory-maps, so no padded matrix of prefixes is ever materialised.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +31,7 @@ import polars as pl
 
 from diffurec_lightning.data.scratch import scratch_dir
 from diffurec_lightning.errors import DataError
+from diffurec_lightning.io import sha256_file, write_atomic
 
 CACHE_FORMAT_VERSION = 2  # 2: meta.json records the size and sha256 of every file
 MIN_SEQUENCE_LENGTH = 3  # one training item, the validation item and the test item
@@ -154,11 +153,7 @@ def write_cache(
 
 def file_record(path: Path) -> dict[str, Any]:
     """Size and sha256 of a file, as meta.json records them."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+    return {"size": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def damaged_files(cache_dir: Path, meta: dict[str, Any], names: tuple[str, ...]) -> list[str]:
@@ -238,10 +233,8 @@ def _rebuild_arrays(cache_dir: Path) -> None:
         ("items.npy", sequences["items"].explode().to_numpy().astype(np.int32)),
         ("offsets.npy", offsets),
     ):
-        fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".npy")
-        with os.fdopen(fd, "wb") as handle:
-            np.save(handle, array)
-        os.replace(tmp, cache_dir / name)
+        # The .npy suffix: np.save appends one to a file name that lacks it.
+        write_atomic(cache_dir / name, lambda tmp, a=array: np.save(tmp, a), suffix=".npy")
 
 
 def load_sequences(cache_dir: Path) -> pl.DataFrame:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from diffurec_lightning.config import compose_config
 from diffurec_lightning.errors import ConfigError
+from diffurec_lightning.io import write_text
 
 RUN_DIR = "${paths.root_dir}/outputs/slurm/${oc.env:SLURM_JOB_ID}_${data.name}_${model.name}"
 # SLURM job ids repeat across clusters; the cluster name keeps W&B run ids apart.
@@ -182,13 +183,8 @@ def write_script(job: SlurmJob, path: Path | None = None) -> Path:
     if path is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         path = job.root / "outputs" / "slurm" / "scripts" / f"{job.name}-{stamp}.sbatch"
-    path.parent.mkdir(parents=True, exist_ok=True)
     job.log_dir.mkdir(parents=True, exist_ok=True)  # sbatch does not create it
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.chmod(0o755)
-    os.replace(tmp, path)
-    return path
+    return write_text(path, text, mode=0o755)
 
 
 def submit(script: Path) -> str:

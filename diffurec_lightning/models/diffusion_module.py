@@ -21,7 +21,8 @@ from diffurec_lightning.models.base import (
     config_errors,
     require,
 )
-from diffurec_lightning.models.embedding import ItemEmbedding, cross_entropy
+from diffurec_lightning.models.embedding import ItemEmbedding
+from diffurec_lightning.models.functional import cross_entropy
 
 # Distinct ensemble members must draw distinct noise streams for the same user.
 _ENSEMBLE_SEED_STRIDE = 1_000_003

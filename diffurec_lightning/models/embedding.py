@@ -61,29 +61,3 @@ class ItemEmbedding(nn.Module):
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, d) -> (B, N) dot-product scores of items 1..N (the padding row is never scored)."""
         return x @ self.table.weight[1:].t()
-
-
-class _CrossEntropy(torch.autograd.Function):
-    """Per-row cross-entropy of float32 scores, with a backward that skips what F.cross_entropy
-    spends on a zero-filled (B, N) gradient and a general log-softmax backward: d loss / d scores
-    = (softmax - onehot) * grad, from the saved log-probabilities."""
-
-    @staticmethod
-    def forward(ctx, scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        log_probs = torch.log_softmax(scores, dim=-1)  # (B, N)
-        ctx.save_for_backward(log_probs, target)
-        return -log_probs.gather(1, target[:, None]).squeeze(1)  # (B,)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        log_probs, target = ctx.saved_tensors
-        grad_scores = torch.exp(log_probs).mul_(grad[:, None])  # (B, N)
-        rows = torch.arange(len(target), device=target.device)
-        grad_scores[rows, target] -= grad
-        return grad_scores, None
-
-
-def cross_entropy(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """F.cross_entropy(scores, target, reduction="none") for (B, N) float32 scores and 0-based
-    targets (B,), with a cheaper backward (the all-item loss is a large share of a step)."""
-    return _CrossEntropy.apply(scores, target)

@@ -6,6 +6,10 @@ element-wise activation instead of storing it) and how the dropout mask's random
 At max_len 50 and batch 512 this cuts a training step's peak memory by about a third
 (docs/performance.md).
 
+All of them are CPU tricks, used only where ``custom_kernels`` says so (the CPU): on CUDA each
+function here is PyTorch's own (F.dropout, scaled_dot_product_attention, F.cross_entropy), whose
+fused kernels and device generator are the fast path there.
+
 Dtypes: under autocast the inputs of the matrix products may be bfloat16; backward passes compute
 in the dtype of the incoming gradient and return gradients in the dtype of each input.
 """
@@ -19,13 +23,19 @@ import torch
 import torch.nn.functional as F
 
 
+def custom_kernels(device: torch.device) -> bool:
+    """Whether the functions below replace PyTorch's on ``device``: on the CPU only, where they
+    were measured (docs/performance.md); elsewhere PyTorch's fused kernels win. The one switch."""
+    return device.type == "cpu"
+
+
 def uniform(shape: torch.Size, device: torch.device) -> torch.Tensor:
     """float32 U[0, 1) values with 24 random bits each, reproducible under torch.manual_seed.
 
     On the CPU they come from NumPy's PCG64, seeded by one draw from torch's generator: it fills
     about twice as fast as torch.rand, whose CPU kernel steps mt19937 serially, element by element.
     """
-    if device.type != "cpu":
+    if not custom_kernels(device):
         return torch.rand(shape, device=device)
     seed = int(torch.randint(0, 2**62, (1,)))
     values = np.random.default_rng(seed).random(math.prod(shape), dtype=np.float32)
@@ -58,6 +68,8 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     serially) and a bool mask for backward."""
     if not training or p == 0.0:
         return x
+    if not custom_kernels(x.device):
+        return F.dropout(x, p, training=True)
     return _MaskedScale.apply(x, keep_mask(x.shape, p, x.device), 1.0 / (1.0 - p))
 
 
@@ -98,6 +110,8 @@ class _DropoutAttention(torch.autograd.Function):
 def dropout_attention(q, k, v, bias: torch.Tensor, p: float) -> torch.Tensor:
     """dropout(softmax(q k^T / sqrt(d/H) + bias), p) @ v for training: q (B, H, Q, d/H), k and v
     (B, H, L, d/H), bias an additive float mask broadcasting to (B, H, Q, L)."""
+    if not custom_kernels(q.device):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
     shape = (*q.shape[:-1], k.shape[-2])
     keep = keep_mask(torch.Size(shape), p, q.device)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # not views of a fused projection
@@ -132,5 +146,36 @@ def gelu_dropout_linear(
     u: torch.Tensor, p: float, weight: torch.Tensor, bias: torch.Tensor
 ) -> torch.Tensor:
     """linear(dropout(gelu(u), p), weight, bias) for training (u: the up-projection, (..., 4d))."""
+    if not custom_kernels(u.device):
+        return F.linear(F.dropout(F.gelu(u), p, training=True), weight, bias)
     keep = keep_mask(u.shape, p, u.device)
     return _GeluDropoutLinear.apply(u, keep, 1.0 / (1.0 - p), weight, bias)
+
+
+class _CrossEntropy(torch.autograd.Function):
+    """Per-row cross-entropy of float32 scores, with a backward that skips what F.cross_entropy
+    spends on a zero-filled (B, N) gradient and a general log-softmax backward: d loss / d scores
+    = (softmax - onehot) * grad, from the saved log-probabilities."""
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        log_probs = torch.log_softmax(scores, dim=-1)  # (B, N)
+        ctx.save_for_backward(log_probs, target)
+        return -log_probs.gather(1, target[:, None]).squeeze(1)  # (B,)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        log_probs, target = ctx.saved_tensors
+        grad_scores = torch.exp(log_probs).mul_(grad[:, None])  # (B, N)
+        rows = torch.arange(len(target), device=target.device)
+        grad_scores[rows, target] -= grad
+        return grad_scores, None
+
+
+def cross_entropy(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """F.cross_entropy(scores, target, reduction="none") for (B, N) float32 scores and 0-based
+    targets (B,), with a cheaper backward on the CPU (the all-item loss is a large share of a
+    step)."""
+    if not custom_kernels(scores.device):
+        return F.cross_entropy(scores, target, reduction="none")
+    return _CrossEntropy.apply(scores, target)

@@ -6,7 +6,8 @@ are never attended to as keys (their own outputs are computed but never read).
 
 Speed notes (docs/performance.md): projections that read the same input run as one matrix
 product (Q/K/V, K/V); dropout, attention with dropout and the feed-forward in training use the
-leaner autograd functions of functional.py; attention runs through scaled_dot_product_attention
+leaner autograd functions of functional.py on the CPU (functional.custom_kernels; on CUDA they
+are PyTorch's own); attention runs through scaled_dot_product_attention
 on CUDA, and on the CPU except when its probabilities need dropout or its inputs are bf16
 (``attention``).
 """
@@ -19,7 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffurec_lightning.models.functional import dropout, dropout_attention, gelu_dropout_linear
+from diffurec_lightning.models.functional import (
+    custom_kernels,
+    dropout,
+    dropout_attention,
+    gelu_dropout_linear,
+)
 
 
 class Dropout(nn.Dropout):
@@ -105,7 +111,7 @@ def attention(
     products too (``short_attention``: 2-3x faster than the CPU flash kernel at these lengths,
     docs/performance.md), float32 inputs take SDPA.
     """
-    if q.device.type != "cpu":
+    if not custom_kernels(q.device):
         p = dropout_p if training else 0.0
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
     if training and dropout_p > 0.0:

@@ -28,7 +28,8 @@ from diffurec_lightning.models.base import (
     config_errors,
     require,
 )
-from diffurec_lightning.models.embedding import ItemEmbedding, cross_entropy
+from diffurec_lightning.models.embedding import ItemEmbedding
+from diffurec_lightning.models.functional import cross_entropy
 
 # The training samples each objective needs (data.train_samples).
 OBJECTIVES = {"last_position": "prefixes", "per_position": "sequences"}
