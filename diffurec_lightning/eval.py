@@ -180,11 +180,6 @@ def run_predict(cfg: DictConfig) -> dict[str, Any]:
 
     if not cfg.predict.get("out"):
         raise ConfigError("mode=predict needs predict.out=<file.parquet>")
-    k = cfg.predict.get("k")
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise ConfigError(f"predict.k must be an integer >= 1, got {k!r}")
-    with open_dict(cfg):  # the model is built recommending k items: hparams stay a record
-        cfg.hparams = OmegaConf.merge(cfg.get("hparams") or {}, {"predict_k": k})
     cfg, datamodule, model = setup(cfg)
     resolve_trainer_precision(cfg)
     # No logger: a prediction has no metrics, and the W&B run would hold nothing.

@@ -13,6 +13,7 @@ It runs as ``trainer.predict``: the Trainer brings devices, precision and the pr
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -287,12 +288,10 @@ def predict_to_parquet(
     writer = ParquetPredictionWriter(
         out, _names(user_ids, "user"), _names(item_ids, "item"), exclude_history
     )
-    if model.hparams.get("predict_k") != k:
-        raise ConfigError(  # eval.run_predict builds the model with predict_k = predict.k
-            f"the model recommends {model.hparams.get('predict_k')} items, predict.k is {k}; "
-            "load it with +hparams.predict_k=<k>"
-        )
     trainer.callbacks.append(writer)
+    # The Trainer calls predict_step(batch, batch_idx): k goes in through a partial for this call
+    # only, so the model's hyperparameters stay the record of how it was built.
+    model.predict_step = functools.partial(type(model).predict_step, model, k=k)
     try:
         with warnings.catch_warnings():
             # Lightning cannot see that UserChunks yields every position (no drop_last): it does.
@@ -300,5 +299,6 @@ def predict_to_parquet(
             trainer.predict(model, dataloaders=loader, return_predictions=False)
     finally:
         trainer.callbacks.remove(writer)
+        del model.predict_step
     rows = pq.ParquetFile(out).metadata.num_rows
     return {"out": str(out), "users": int(len(users)), "rows": rows, "k": k}

@@ -171,7 +171,10 @@ def test_pairs_only_shared_seeds_and_summary_uses_sample_std(tmp_path: Path) -> 
     assert summary["diffurecsys"]["n"] == 4
 
 
-def test_fewer_than_two_pairs_give_no_test() -> None:
+def test_fewer_than_two_pairs_or_no_spread_give_no_test() -> None:
+    # identical differences (deterministic models over seeds): undefined, not "p = 0"
+    t, p = paired_ttest(np.array([0.1, 0.1, 0.1]), np.array([0.2, 0.2, 0.2]))
+    assert math.isnan(t) and math.isnan(p)
     t, p = paired_ttest(np.array([0.1]), np.array([0.2]))
     assert math.isnan(t) and math.isnan(p)
 

@@ -117,8 +117,10 @@ def summary_rows(runs: Sequence[Run], metrics: Sequence[str] = METRICS) -> list[
 
 
 def paired_ttest(model: np.ndarray, baseline: np.ndarray) -> tuple[float, float]:
-    """Two-sided paired t-test of model - baseline: (t, p); NaN with fewer than two pairs."""
-    if len(model) < 2:
+    """Two-sided paired t-test of model - baseline: (t, p); NaN with fewer than two pairs, or when
+    the differences do not vary (deterministic models: the test is undefined, not significant)."""
+    differences = np.asarray(model, dtype=np.float64) - np.asarray(baseline, dtype=np.float64)
+    if len(differences) < 2 or np.ptp(differences) == 0:
         return math.nan, math.nan
     result = stats.ttest_rel(model, baseline)
     return float(result.statistic), float(result.pvalue)
