@@ -120,7 +120,8 @@ def paired_ttest(model: np.ndarray, baseline: np.ndarray) -> tuple[float, float]
     """Two-sided paired t-test of model - baseline: (t, p); NaN with fewer than two pairs, or when
     the differences do not vary (deterministic models: the test is undefined, not significant)."""
     differences = np.asarray(model, dtype=np.float64) - np.asarray(baseline, dtype=np.float64)
-    if len(differences) < 2 or np.ptp(differences) == 0:
+    # float noise of the metric accumulation (1e-9) is not spread
+    if len(differences) < 2 or np.allclose(differences, differences[0], rtol=1e-6, atol=1e-9):
         return math.nan, math.nan
     result = stats.ttest_rel(model, baseline)
     return float(result.statistic), float(result.pvalue)
