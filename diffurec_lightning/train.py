@@ -23,6 +23,7 @@ from diffurec_lightning.config import CONF_DIR
 from diffurec_lightning.errors import ConfigError, DiffuRecError
 from diffurec_lightning.io import write_json
 from diffurec_lightning.launch.requeue import cluster_plugins, hpc_checkpoints
+from diffurec_lightning.run_clock import RunClock
 from diffurec_lightning.utils import (
     instantiate_group,
     log_best_checkpoint,
@@ -160,6 +161,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         }
 
     tested = dict(tested_validation(model, best_path, tested=bool(test_metrics)))
+    clock = next((c for c in trainer.callbacks if isinstance(c, RunClock)), None)
     results = {
         "config": OmegaConf.to_container(cfg, resolve=True),
         "dataset": cfg.data.name,
@@ -175,7 +177,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "test": test_metrics,
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
-        "wall_time_s": round(time.time() - started, 2),
+        # All segments of a resumed run (RunClock), and this process alone.
+        "wall_time_s": round(clock.elapsed_s() if clock else time.time() - started, 2),
+        "segment_wall_time_s": round(time.time() - started, 2),
         "best_checkpoint": best_path,
         "resumed_from": ckpt_path,
         "padding_fraction": datamodule.padding_fraction("train"),

@@ -52,7 +52,8 @@ def train_to_the_end(folder: Path) -> dict:
     return json.loads((folder / "results.json").read_text())
 
 
-def kill_during_second_epoch(folder: Path) -> None:
+def kill_during_second_epoch(folder: Path) -> float:
+    """Kill the run once its first epoch is checkpointed; the seconds that checkpoint records."""
     last = folder / "checkpoints" / "last.ckpt"
     process = subprocess.Popen(
         command(folder), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -65,17 +66,23 @@ def kill_during_second_epoch(folder: Path) -> None:
     process.wait()
     assert process.returncode == -signal.SIGKILL
     assert not (folder / "results.json").exists()
-    assert load_checkpoint(last)["epoch"] == 0, "the kill came after the second epoch ended"
+    checkpoint = load_checkpoint(last)
+    assert checkpoint["epoch"] == 0, "the kill came after the second epoch ended"
+    return checkpoint["callbacks"]["RunClock"]["elapsed_s"]
 
 
 def test_resume_after_sigkill_is_bit_identical(run_env: Path) -> None:
     straight = train_to_the_end(run_env / "straight")
-    kill_during_second_epoch(run_env / "killed")
+    first_segment_s = kill_during_second_epoch(run_env / "killed")
     resumed = train_to_the_end(run_env / "killed")
     assert resumed["resumed_from"] == str(run_env / "killed" / "checkpoints" / "last.ckpt")
     assert resumed["test"] == straight["test"] and resumed["val"] == straight["val"]
     assert resumed["global_step"] == straight["global_step"]
     assert stat.S_IMODE((run_env / "killed" / "results.json").stat().st_mode) == 0o644
+    # The wall time is the run's, first segment included; an unbroken run has one segment.
+    assert first_segment_s > 0
+    assert resumed["wall_time_s"] >= resumed["segment_wall_time_s"] + first_segment_s - 0.01
+    assert abs(straight["wall_time_s"] - straight["segment_wall_time_s"]) < 5
     a = load_checkpoint(run_env / "straight" / "checkpoints" / "last.ckpt")
     b = load_checkpoint(run_env / "killed" / "checkpoints" / "last.ckpt")
     assert a["state_dict"].keys() == b["state_dict"].keys()
