@@ -342,6 +342,32 @@ def test_loss_aware_sampler_follows_losses() -> None:
     torch.testing.assert_close(sampler.probabilities(), uniform)
 
 
+def test_loss_aware_sampler_state_round_trips() -> None:
+    trained = LossAwareSampler(num_steps=4, history_per_term=3)
+    trained.update(torch.arange(4).repeat(4), torch.arange(16, dtype=torch.float32))
+    state = trained.state_dict()
+    fresh = LossAwareSampler(num_steps=4, history_per_term=3)
+    fresh.load_state_dict(state)
+    assert fresh.warmed_up()
+    torch.testing.assert_close(fresh.probabilities(), trained.probabilities(), rtol=0, atol=0)
+    draws = [s.sample(64, "cpu", torch.Generator().manual_seed(1)) for s in (fresh, trained)]
+    assert torch.equal(draws[0][0], draws[1][0]) and torch.equal(draws[0][1], draws[1][1])
+    # The ring buffer continues where it stopped: the same update gives the same state.
+    for sampler in (fresh, trained):
+        sampler.update(torch.tensor([1, 1]), torch.tensor([5.0, 6.0]))
+    for key, value in trained.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+    state["history"][:] = 0  # a copy: the sampler's own history is untouched
+    assert trained.warmed_up() and trained.state_dict()["history"].abs().sum() > 0
+    untouched = LossAwareSampler(num_steps=4, history_per_term=3)
+    untouched.load_state_dict({})  # a checkpoint without sampler state: the fresh state
+    assert not untouched.warmed_up()
+    with pytest.raises(ValueError, match="num_steps, history_per_term"):
+        LossAwareSampler(num_steps=5, history_per_term=3).load_state_dict(trained.state_dict())
+    UniformSampler(num_steps=4).load_state_dict(trained.state_dict())  # not its state: ignored
+    assert UniformSampler(num_steps=4).state_dict() == {}
+
+
 def test_make_timestep_sampler() -> None:
     assert isinstance(make_timestep_sampler("uniform", num_steps=T), UniformSampler)
     assert isinstance(make_timestep_sampler("loss_aware", num_steps=T), LossAwareSampler)

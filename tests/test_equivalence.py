@@ -25,8 +25,9 @@ from builders import diffurec
 
 from diffurec_lightning.data.datamodule import SequenceDataModule
 from diffurec_lightning.data.sources import SyntheticSource
+from diffurec_lightning.diffusion import noise as noise_module
 from diffurec_lightning.diffusion.noise import user_seed
-from diffurec_lightning.models import diffusion_module, functional
+from diffurec_lightning.models import functional
 from diffurec_lightning.models.diffusion_module import DiffusionRecModule
 from diffurec_lightning.models.functional import dropout
 from diffurec_lightning.models.layers import additive_mask, attention, short_attention
@@ -301,7 +302,7 @@ def test_noise_prefetched_in_chunks_reads_the_same_values(
         whole = model.eval_scores(batch)
         width, d = batch["seq"].shape[1], model.hparams.hidden_size
         budget = steps_per_chunk * len(batch["seq"]) * (width + 1) * d
-        monkeypatch.setattr(diffusion_module, "_PREFETCH_VALUES", budget)
+        monkeypatch.setattr(noise_module, "_PREFETCH_VALUES", budget)
         torch.testing.assert_close(model.eval_scores(batch), whole, rtol=0, atol=0)
 
 

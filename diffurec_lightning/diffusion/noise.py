@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
 # DiffuRecSys Eq. 17: the training noise's mean is this share of the offset-noise strength
 # delta_c, eps ~ N(0.1 delta_c, I). Only training noise is offset: reverse sampling stays N(0, I).
 OFFSET_NOISE_MEAN = 0.1
+
+# Noise of a reverse process drawn ahead per batch: at most this many float32 values (64 MB)
+# at a time (``UserNoise.step_rows``).
+_PREFETCH_VALUES = 1 << 24
 
 _MASK32 = (1 << 32) - 1
 _MASK64 = (1 << 64) - 1
@@ -166,3 +172,28 @@ class UserNoise:
         out = torch.zeros(len(counts) * max_rows, dim, device=self.device)
         out.index_copy_(0, index.to(self.device), flat.to(self.device))
         return out.view(len(counts), max_rows, dim)
+
+    def step_rows(
+        self, num_rows: Tensor, max_rows: int, dim: int, num_steps: int, *, step_vectors: bool
+    ) -> Callable[[], Tensor]:
+        """A function returning the next ``rows(num_rows, max_rows, dim)`` at each of the
+        ``num_steps`` steps of a reverse process, drawn ahead for several steps at a time (at
+        most ``_PREFETCH_VALUES`` values): the same values as drawing them step by step.
+
+        ``step_vectors``: between two steps (not after the last) the process also reads one
+        ``vectors(dim)``, its step noise; the prefetch covers those, in the same stream order.
+        """
+        values_per_step = len(self._generators) * (max_rows + 1) * dim
+        chunk = max(1, _PREFETCH_VALUES // max(1, values_per_step))
+        calls = 0
+
+        def next_rows() -> Tensor:
+            nonlocal calls
+            if calls % chunk == 0:
+                ahead = min(chunk, num_steps - calls)
+                vectors = ahead - (calls + ahead == num_steps) if step_vectors else 0
+                self.prefetch(num_rows * ahead + vectors, dim)
+            calls += 1
+            return self.rows(num_rows, max_rows, dim)
+
+        return next_rows

@@ -1,10 +1,14 @@
 """Training-step samplers: draw t per sample with an importance weight that keeps the loss unbiased.
 
 Both samplers share one interface: `sample(batch_size, device, generator)` -> (t, weights) and
-`update(t, losses)`, which the training loop calls every step (a no-op for the uniform sampler).
+`update(t, losses)`, which the training loop calls every step (a no-op for the uniform sampler),
+and `state_dict()` / `load_state_dict(state)`, which the modules write into and read from their
+checkpoints, so that a resumed run draws t as the interrupted one would have.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -41,6 +45,13 @@ class UniformSampler:
     def update(self, t: Tensor, losses: Tensor) -> None:
         """Nothing to learn: uniform sampling ignores the losses."""
 
+    def state_dict(self) -> dict[str, Any]:
+        """Nothing learnt, nothing to save."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Nothing to restore (a loss-aware sampler's state, if given, does not apply)."""
+
 
 class LossAwareSampler:
     """Importance sampling by the loss second moment (Nichol & Dhariwal 2021, Sec. 3.3).
@@ -49,6 +60,11 @@ class LossAwareSampler:
     is uniform; then p(t) ∝ sqrt(E[L_t^2]), mixed with `uniform_prob` of the uniform distribution so
     that no step starves, and each sample is weighted by 1 / (T p(t)). The history lives on the CPU
     and is per process: under DDP each rank learns its own p(t), which keeps the loss unbiased.
+
+    The history is plain tensors rather than module buffers on purpose: buffers would follow the
+    module to the GPU and to bf16 (``bf16-true``), and DDP would overwrite every rank's with rank
+    0's at each forward. Checkpoints hold the state of the rank that writes them (rank 0), which
+    every rank resumes from.
     """
 
     def __init__(
@@ -104,6 +120,25 @@ class LossAwareSampler:
         slot = (self._seen[t] + rank) % self.history_per_term
         self._history[t[keep], slot[keep]] = losses[keep]
         self._seen += counts
+
+    def state_dict(self) -> dict[str, Any]:
+        """The loss history (T, H) float64 and the losses seen per step (T,), as copies."""
+        return {"history": self._history.clone(), "seen": self._seen.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state_dict()``'s result; an empty state (a checkpoint written before
+        samplers saved theirs, or by a uniform sampler) keeps the fresh, uniform state."""
+        if not state:
+            return
+        history, seen = state["history"], state["seen"]
+        expected = (self.num_steps, self.history_per_term)
+        if tuple(history.shape) != expected or tuple(seen.shape) != expected[:1]:
+            raise ValueError(
+                f"the loss-aware sampler state holds a {tuple(history.shape)} history; "
+                f"this sampler keeps {expected} (num_steps, history_per_term)"
+            )
+        self._history = history.to("cpu", torch.float64).clone()
+        self._seen = seen.to("cpu", torch.long).clone()
 
 
 TIMESTEP_SAMPLERS: dict[str, type[UniformSampler] | type[LossAwareSampler]] = {

@@ -12,7 +12,7 @@ useful FLOPs (``flops``, ``step_independent_flops``; the definition is in flops.
 from __future__ import annotations
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from diffurec_lightning import flops
 from diffurec_lightning.models.layers import (
@@ -21,14 +21,22 @@ from diffurec_lightning.models.layers import (
     SelfAttentionBlock,
     StepEmbedding,
     additive_mask,
+    check_sizes,
     key_padding_bias,
     xavier_init,
 )
 
+# Step-independent keys/values an approximator may compute once per batch (``history_cache``).
+Cache = tuple[Tensor, Tensor] | None
+
 
 class Approximator(nn.Module):
-    """Shared parts: step embedding, output dropout and LayerNorm; the size checks."""
+    """Shared parts: the size checks, step embedding, ``num_blocks`` blocks of class ``block``,
+    output dropout and LayerNorm, the conditioning and the readout. A subclass names its
+    ``block`` and says in ``mix`` how the blocks combine history and condition."""
 
+    # The block class: built as block(hidden_size, num_heads, dropout, block_output_dropout).
+    block: type[nn.Module]
     # Forward FLOPs of the blocks for samples of `length` real items (flops.py).
     block_flops = staticmethod(flops.diffurec_blocks)
 
@@ -44,18 +52,19 @@ class Approximator(nn.Module):
     ) -> None:
         if hidden_size < 2 or num_blocks < 1 or num_steps < 1:
             raise ValueError("hidden_size must be >= 2, num_blocks and num_steps >= 1")
-        if num_heads < 1 or hidden_size % num_heads:
-            raise ValueError(
-                f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})"
-            )
-        if not 0 <= dropout < 1:
-            raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
+        check_sizes(hidden_size, num_heads, dropout)
         super().__init__()
+        # Construction order is the order of the seeded weight draws: keep it.
         self.step_embedding = StepEmbedding(hidden_size, num_steps)
         self.out_dropout = Dropout(dropout)
         self.out_norm = nn.LayerNorm(hidden_size)
         self.hidden_size = hidden_size
         self.num_blocks = num_blocks
+        self.blocks = nn.ModuleList(
+            self.block(hidden_size, num_heads, dropout, block_output_dropout)
+            for _ in range(num_blocks)
+        )
+        xavier_init(self)
 
     def flops(self, lengths: torch.Tensor) -> float:
         """Useful forward FLOPs of one call for a batch of histories with ``lengths`` real items."""
@@ -67,39 +76,9 @@ class Approximator(nn.Module):
         """The part of ``flops`` that does not depend on the step (computed once per batch)."""
         return 0.0
 
-    def condition(self, x_t: torch.Tensor, t: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-        """lambda_i * (x_s + d_s): the noised target scaled per history position, (B, L, d)."""
-        return lam * (x_t + self.step_embedding(t))[:, None, :]
-
-    def finish(self, h: torch.Tensor) -> torch.Tensor:
-        return self.out_norm(self.out_dropout(h[:, -1]))  # (B, d)
-
-
-class DiffuRecApproximator(Approximator):
-    """DiffuRec (Eq. 15): z_i = e_i + lambda_i (x_s + d_s), then a Transformer over z."""
-
-    def __init__(
-        self,
-        *,
-        hidden_size: int,
-        num_blocks: int,
-        num_heads: int,
-        dropout: float,
-        num_steps: int,
-        block_output_dropout: bool = False,
-    ) -> None:
-        super().__init__(
-            hidden_size=hidden_size,
-            num_blocks=num_blocks,
-            num_heads=num_heads,
-            dropout=dropout,
-            num_steps=num_steps,
-        )
-        self.blocks = nn.ModuleList(
-            SelfAttentionBlock(hidden_size, num_heads, dropout, block_output_dropout)
-            for _ in range(num_blocks)
-        )
-        xavier_init(self)
+    def mix(self, seq_emb: Tensor, condition: Tensor, attn_mask: Tensor, cache: Cache) -> Tensor:
+        """The blocks' output (B, L', d) from the history (B, L, d) and the condition."""
+        raise NotImplementedError
 
     def forward(
         self,
@@ -108,43 +87,35 @@ class DiffuRecApproximator(Approximator):
         x_t: torch.Tensor,
         t: torch.Tensor,
         lam: torch.Tensor,
+        cache: Cache = None,
     ) -> torch.Tensor:
+        """x0_hat (B, d); ``cache`` may carry ``history_cache(seq_emb)`` where a subclass has one."""
         attn_mask = additive_mask(key_padding_bias(mask))
-        h = seq_emb + self.condition(x_t, t, lam)  # (B, L, d)
+        # lambda_i * (x_s + d_s): the noised target scaled per history position, (B, L, d).
+        condition = lam * (x_t + self.step_embedding(t))[:, None, :]
+        h = self.mix(seq_emb, condition, attn_mask, cache)
+        return self.out_norm(self.out_dropout(h[:, -1]))  # (B, d)
+
+
+class DiffuRecApproximator(Approximator):
+    """DiffuRec (Eq. 15): z_i = e_i + lambda_i (x_s + d_s), then a Transformer over z."""
+
+    block = SelfAttentionBlock
+
+    def mix(self, seq_emb: Tensor, condition: Tensor, attn_mask: Tensor, cache: Cache) -> Tensor:
+        h = seq_emb + condition  # (B, L, d)
         last = len(self.blocks) - 1
         for index, block in enumerate(self.blocks):
             # Each block feeds the next (the public code fed every block the raw input).
             h = block(h, attn_mask, last_only=index == last)
-        return self.finish(h)
+        return h
 
 
 class CrossAttentionApproximator(Approximator):
     """DiffuRecSys (Eq. 16): z_i = CrossAttention(e_i, lambda_i (x_s + d_s)) in every block."""
 
+    block = CrossAttentionBlock
     block_flops = staticmethod(flops.cross_attention_blocks)
-
-    def __init__(
-        self,
-        *,
-        hidden_size: int,
-        num_blocks: int,
-        num_heads: int,
-        dropout: float,
-        num_steps: int,
-        block_output_dropout: bool = False,
-    ) -> None:
-        super().__init__(
-            hidden_size=hidden_size,
-            num_blocks=num_blocks,
-            num_heads=num_heads,
-            dropout=dropout,
-            num_steps=num_steps,
-        )
-        self.blocks = nn.ModuleList(
-            CrossAttentionBlock(hidden_size, num_heads, dropout, block_output_dropout)
-            for _ in range(num_blocks)
-        )
-        xavier_init(self)
 
     def step_independent_flops(self, lengths: torch.Tensor) -> float:
         # The first cross-attention's keys and values: the history alone.
@@ -156,17 +127,7 @@ class CrossAttentionApproximator(Approximator):
         first = self.blocks[0]
         return first.cross.keys_values(first.cross_norm(seq_emb))
 
-    def forward(
-        self,
-        seq_emb: torch.Tensor,
-        mask: torch.Tensor,
-        x_t: torch.Tensor,
-        t: torch.Tensor,
-        lam: torch.Tensor,
-        cache: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        attn_mask = additive_mask(key_padding_bias(mask))
-        condition = self.condition(x_t, t, lam)  # (B, L, d)
+    def mix(self, seq_emb: Tensor, condition: Tensor, attn_mask: Tensor, cache: Cache) -> Tensor:
         # Every block's cross-attention queries read the same condition: one product for all.
         first = self.blocks[0].cross
         queries = first.project(condition, *(block.cross.query for block in self.blocks))
@@ -181,4 +142,4 @@ class CrossAttentionApproximator(Approximator):
                 cross_kv=cache if index == 0 else None,
                 cross_query=queries[index],
             )
-        return self.finish(h)
+        return h

@@ -28,9 +28,12 @@ from torch import nn
 from torchmetrics import CatMetric
 
 from diffurec_lightning.checkpoints import MODEL_CLASS, plain
+from diffurec_lightning.diffusion.noise import UserNoise
 from diffurec_lightning.diffusion.samplers import check_sampler
+from diffurec_lightning.diffusion.timesteps import make_timestep_sampler
 from diffurec_lightning.errors import ConfigError
 from diffurec_lightning.metrics import TopKMetrics, target_ranks, top_k_items
+from diffurec_lightning.models.embedding import ItemEmbedding
 
 Batch = dict[str, torch.Tensor]
 Node = Mapping[str, Any]
@@ -39,6 +42,10 @@ Node = Mapping[str, Any]
 DEFAULT_SAMPLER: dict[str, Any] = {"name": "ancestral", "steps": None}
 # Without an optimizer node (a model built in Python): Adam at its defaults, constant rate.
 DEFAULT_OPTIMIZER: dict[str, Any] = {"_target_": "torch.optim.Adam", "lr": 1e-3}
+# Distinct ensemble members must draw distinct noise streams for the same user.
+_ENSEMBLE_SEED_STRIDE = 1_000_003
+# The checkpoint entry holding the training-step sampler's state (the loss-aware history).
+TIMESTEP_STATE = "timestep_sampler_state"
 
 
 def require(condition: bool, message: str) -> None:
@@ -137,6 +144,25 @@ class RecommenderModule(L.LightningModule):
     def eval_scores(self, batch: Batch) -> torch.Tensor:
         """(B, N) float32 scores of items 1..N for each user of the batch."""
         raise NotImplementedError
+
+    def build_items(self, **fixed: Any) -> None:
+        """``self.items``, the item table, from the hyperparameters every model names alike
+        (``num_items``, ``hidden_size``, ``emb_dropout``, ``item_init``, ``max_len`` and, where
+        the model has them, ``position_embedding``, ``position_init``); ``fixed``: table
+        options the model does not make hyperparameters."""
+        hp = self.hparams
+        options = {
+            key: hp[key] for key in ("position_embedding", "position_init") if key in hp
+        } | fixed
+        with config_errors():
+            self.items = ItemEmbedding(
+                num_items=hp.num_items,
+                hidden_size=hp.hidden_size,
+                dropout=hp.emb_dropout,
+                init=hp.item_init,
+                max_len=hp.max_len,
+                **options,
+            )
 
     def build_net(self, net: Node) -> nn.Module:
         """The network from its config node; it must work in the item table's size."""
@@ -246,9 +272,11 @@ class DiffusionRecommender(RecommenderModule):
 
     The constructor checks what every diffusion model shares and records it; a subclass then
     builds its item table (first: the weights draw from the seeded RNG in this order) and calls
-    ``build_denoiser``. Subclasses provide ``reverse(batch, member, steps, sampler)``: one
-    ensemble member's x0 from per-user reproducible noise, running sampler ``sampler`` over
-    ``steps`` evenly spaced levels of the trained T (None: the configured sampling).
+    ``build_denoiser``, which also builds the training-step sampler ``timesteps`` (its state is
+    saved in checkpoints). Subclasses provide ``reverse(batch, member, steps, sampler)``: one
+    ensemble member's x0 from ``member_noise``, running sampler ``sampler`` over ``steps``
+    evenly spaced levels of the trained T (None: the configured sampling), through
+    ``diffusion.samplers.sample``.
     ``ensemble_size`` members are averaged as softmax distributions (DiffuRecSys Algorithm 3).
 
     ``sampler`` ({name, steps}) is the reverse process of validation, test and predict;
@@ -275,8 +303,9 @@ class DiffusionRecommender(RecommenderModule):
             optimizer=optimizer, scheduler=scheduler, ks=ks, monitor=monitor, predict_k=predict_k
         )
 
-    def build_denoiser(self, net: Node, diffusion: Node) -> None:
-        """``self.net`` and ``self.diffusion`` from their config nodes (the same T in both)."""
+    def build_denoiser(self, net: Node, diffusion: Node, timestep_sampler: str = "uniform") -> None:
+        """``self.net`` and ``self.diffusion`` from their config nodes (the same T in both), and
+        ``self.timesteps``, the named sampler of the training step t."""
         self.net = self.build_net(net)
         self.diffusion = build(diffusion, "diffusion")
         steps = net.get("num_steps", self.diffusion.num_steps)
@@ -294,6 +323,10 @@ class DiffusionRecommender(RecommenderModule):
         ):
             with config_errors(f"model.{key}"):
                 check_sampler(name, steps, self.diffusion.num_steps)
+        with config_errors():
+            self.timesteps = make_timestep_sampler(
+                timestep_sampler, num_steps=self.diffusion.num_steps
+            )
 
     @property
     def sampler(self) -> dict[str, Any]:
@@ -311,10 +344,27 @@ class DiffusionRecommender(RecommenderModule):
         node = self.hparams.get("val_sampler") or {}
         return {"steps": node.get("steps"), "sampler": node.get("name")}
 
+    def member_noise(self, batch: Batch, member: int) -> UserNoise:
+        """The per-user noise streams of ensemble member ``member``, seeded by (eval_seed,
+        member, user): a user's draws never depend on the batch it is in."""
+        seed = self.hparams.eval_seed + _ENSEMBLE_SEED_STRIDE * member
+        return UserNoise(seed, batch["user"], self.device)
+
     def reverse(
         self, batch: Batch, member: int = 0, steps: int | None = None, sampler: str | None = None
     ) -> torch.Tensor:
         raise NotImplementedError
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        # What the loss-aware sampler has learnt, so that a resumed run draws t as this one.
+        checkpoint[TIMESTEP_STATE] = self.timesteps.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        # Checkpoints written before the sampler state was saved: a fresh (uniform) sampler.
+        with config_errors("ckpt_path"):
+            self.timesteps.load_state_dict(checkpoint.get(TIMESTEP_STATE) or {})
 
     def eval_scores(
         self,

@@ -18,6 +18,7 @@ from torch import nn
 from diffurec_lightning.models.layers import (
     MultiHeadAttention,
     StepEmbedding,
+    check_sizes,
     key_padding_bias,
     xavier_init,
 )
@@ -128,12 +129,7 @@ class DualConditionalTransformer(nn.Module):
         num_steps: int,
         attention_mask: str = "keys",
     ) -> None:
-        if num_heads < 1 or hidden_size % num_heads:
-            raise ValueError(
-                f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})"
-            )
-        if not 0 <= dropout < 1:
-            raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
+        check_sizes(hidden_size, num_heads, dropout)
         super().__init__()
         if attention_mask not in ATTENTION_MASKS:
             raise ValueError(

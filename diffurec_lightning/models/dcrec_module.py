@@ -15,19 +15,13 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from diffurec_lightning.diffusion.noise import UserNoise
 from diffurec_lightning.diffusion.samplers import sample
 from diffurec_lightning.models.base import (
     Batch,
     DiffusionRecommender,
     Node,
-    config_errors,
     require,
 )
-from diffurec_lightning.models.embedding import ItemEmbedding
-
-# Distinct ensemble members draw distinct noise streams for the same user (as DiffusionRecModule).
-_ENSEMBLE_SEED_STRIDE = 1_000_003
 
 
 def diffusion_sequences(seq: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,16 +141,7 @@ class DCRecModule(DiffusionRecommender):
             monitor=monitor,
             predict_k=predict_k,
         )
-        with config_errors():
-            self.items = ItemEmbedding(
-                num_items=num_items,
-                hidden_size=hidden_size,
-                dropout=emb_dropout,
-                init=item_init,
-                position_embedding=True,
-                max_len=max_len,
-                position_init=position_init,
-            )
+        self.build_items(position_embedding=True)
         self.build_denoiser(net, diffusion)
 
     def lambda_at(self, epoch: int) -> float:
@@ -178,7 +163,7 @@ class DCRecModule(DiffusionRecommender):
         if self.hparams.offset_in_training:
             prior = self.hparams.prior_offset_strength * self.items(prior_ids)
             noise = noise + prior  # implicit condition K
-        t = torch.randint(self.diffusion.num_steps, (len(target),), device=self.device)
+        t, _ = self.timesteps.sample(len(target), self.device)  # uniform: all weights 1
         x_t = self.diffusion.q_sample(x_start, t, noise)
         x_start_pred = self.net(x_t, t, history, seq_mask, history_ids > 0)
         scores = self.items.scores(x_start_pred[:, -1])  # (B, N)
@@ -214,8 +199,7 @@ class DCRecModule(DiffusionRecommender):
         history = self.items(history_ids)
         prior_offset = hp.prior_offset_strength * self.items(prior_ids)  # (B, W, d)
         cache = self.net.history_cache(history)  # step-independent: once per batch
-        seed = hp.eval_seed + _ENSEMBLE_SEED_STRIDE * member
-        noise = UserNoise(seed, batch["user"], self.device)
+        noise = self.member_noise(batch, member)
         counts, width, dim = seq_mask.sum(1), seq_mask.shape[1], history.shape[-1]
 
         def draw(_step: int = 0) -> torch.Tensor:

@@ -11,23 +11,15 @@ from collections.abc import Sequence
 
 import torch
 
-from diffurec_lightning.diffusion.noise import UserNoise, offset_noise
+from diffurec_lightning.diffusion.noise import offset_noise
 from diffurec_lightning.diffusion.samplers import DRAWS_STEP_NOISE, sample
-from diffurec_lightning.diffusion.timesteps import make_timestep_sampler
 from diffurec_lightning.models.base import (
     Batch,
     DiffusionRecommender,
     Node,
-    config_errors,
     require,
 )
-from diffurec_lightning.models.embedding import ItemEmbedding
 from diffurec_lightning.models.functional import cross_entropy
-
-# Distinct ensemble members must draw distinct noise streams for the same user.
-_ENSEMBLE_SEED_STRIDE = 1_000_003
-# Evaluation noise drawn ahead per batch: at most this many float32 values (64 MB) at a time.
-_PREFETCH_VALUES = 1 << 24
 
 
 class DiffusionRecModule(DiffusionRecommender):
@@ -73,20 +65,13 @@ class DiffusionRecModule(DiffusionRecommender):
             monitor=monitor,
             predict_k=predict_k,
         )
-        with config_errors():
-            self.items = ItemEmbedding(
-                num_items=num_items,
-                hidden_size=hidden_size,
-                dropout=emb_dropout,
-                init=item_init,
-                position_embedding=position_embedding,
-                max_len=max_len,
-            )
-        self.build_denoiser(net, diffusion)
-        with config_errors():
-            self.timesteps = make_timestep_sampler(
-                timestep_sampler, num_steps=self.diffusion.num_steps
-            )
+        self.build_items()
+        self.build_denoiser(net, diffusion, timestep_sampler)
+
+    def uncertainty(self, z: torch.Tensor) -> torch.Tensor:
+        """lambda = lambda_scale + lambda_scale * z from standard normal z: N(scale, scale)."""
+        scale = self.hparams.lambda_scale
+        return scale + scale * z
 
     # -- training ------------------------------------------------------------------------
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
@@ -97,8 +82,7 @@ class DiffusionRecModule(DiffusionRecommender):
         t, weights = self.timesteps.sample(len(target), self.device)
         noise = offset_noise(x_start, self.hparams.offset_noise_strength)
         x_t = self.diffusion.q_sample(x_start, t, noise)
-        scale = self.hparams.lambda_scale
-        lam = scale + scale * torch.randn_like(seq_emb)  # lambda ~ N(scale, scale), per call
+        lam = self.uncertainty(torch.randn_like(seq_emb))  # drawn anew per call
         x_start_pred = self.net(seq_emb, mask, x_t, t, lam)
         scores = self.items.scores(x_start_pred)  # (B, N)
         losses = cross_entropy(scores.float(), target - 1)
@@ -124,33 +108,22 @@ class DiffusionRecModule(DiffusionRecommender):
         x_T, then for every step its lambda rows and (except the last step, and never for the
         deterministic ``ddim``) its step noise.
         """
-        hp = self.hparams
         sampler, steps = self.sampling(steps, sampler)
         seq = batch["seq"]
         mask = seq > 0
-        seed = hp.eval_seed + _ENSEMBLE_SEED_STRIDE * member
-        noise = UserNoise(seed, batch["user"], self.device)
+        noise = self.member_noise(batch, member)
         seq_emb = self.items(seq)  # step-independent: computed once per batch
         extra = {}
         if hasattr(self.net, "history_cache"):
             extra["cache"] = self.net.history_cache(seq_emb)
-        lengths = mask.sum(1)
-        width, dim = seq.shape[1], seq_emb.shape[-1]
-        scale = hp.lambda_scale
-        num_steps = self.diffusion.num_steps if steps is None else steps  # levels visited
-        step_noise = DRAWS_STEP_NOISE[sampler]
-        # Draw the noise of several steps per generator call, within a memory budget.
-        chunk = max(1, _PREFETCH_VALUES // max(1, len(seq) * (width + 1) * dim))
-        calls = 0
+        dim = seq_emb.shape[-1]
+        levels = self.diffusion.num_steps if steps is None else steps  # levels visited
+        lambda_rows = noise.step_rows(
+            mask.sum(1), seq.shape[1], dim, levels, step_vectors=DRAWS_STEP_NOISE[sampler]
+        )
 
         def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            nonlocal calls
-            if calls % chunk == 0:
-                ahead = min(chunk, num_steps - calls)
-                vectors = ahead - (calls + ahead == num_steps) if step_noise else 0
-                noise.prefetch(lengths * ahead + vectors, dim)
-            calls += 1
-            lam = scale + scale * noise.rows(lengths, width, dim).to(seq_emb.dtype)
+            lam = self.uncertainty(lambda_rows().to(seq_emb.dtype))
             return self.net(seq_emb, mask, x_t, t, lam, **extra)
 
         def draw(_step: int) -> torch.Tensor:

@@ -28,6 +28,17 @@ from diffurec_lightning.models.functional import (
 )
 
 
+def check_sizes(hidden_size: int, num_heads: int, dropout: float) -> None:
+    """ValueError unless ``hidden_size`` splits into ``num_heads`` heads and ``dropout`` is a
+    probability below 1 (the checks every attention network makes of its config)."""
+    if num_heads < 1 or hidden_size % num_heads:
+        raise ValueError(
+            f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})"
+        )
+    if not 0 <= dropout < 1:
+        raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
+
+
 class Dropout(nn.Dropout):
     """nn.Dropout (same arguments and state) with the cheaper mask of ``dropout``."""
 

@@ -25,10 +25,8 @@ from diffurec_lightning.models.base import (
     Batch,
     Node,
     RecommenderModule,
-    config_errors,
     require,
 )
-from diffurec_lightning.models.embedding import ItemEmbedding
 from diffurec_lightning.models.functional import cross_entropy
 
 # The training samples each objective needs (data.train_samples).
@@ -67,15 +65,7 @@ class SequentialRecModule(RecommenderModule):
         super().__init__(
             optimizer=optimizer, scheduler=scheduler, ks=ks, monitor=monitor, predict_k=predict_k
         )
-        with config_errors():
-            self.items = ItemEmbedding(
-                num_items=num_items,
-                hidden_size=hidden_size,
-                dropout=emb_dropout,
-                init=item_init,
-                position_embedding=position_embedding,
-                max_len=max_len,
-            )
+        self.build_items()
         self.net = self.build_net(net)
 
     @property
