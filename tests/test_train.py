@@ -249,7 +249,9 @@ def test_cli_reports_bad_input_in_one_line(run_env: Path) -> None:
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines()[-1] == "error: model.lambda_scale must be >= 0, got -1.0"
+    assert (
+        done.stderr.strip().splitlines()[-1] == "error: model.lambda_scale must be >= 0, got -1.0"
+    )
 
 
 def test_loss_aware_sampler_is_updated_during_training(run_env: Path) -> None:
