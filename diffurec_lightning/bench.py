@@ -11,7 +11,8 @@ overrides may change it) it measures, for fp32 and bf16-mixed:
 Every measurement runs in a fresh child process, so peak memory belongs to that measurement alone
 and the allocator environment (MALLOC_*) can differ between runs. Batches are picked at evenly
 spaced quantiles of their padded width, so a few steps represent a whole epoch. Options are
-``bench.<key>=<value>`` arguments (see BenchOptions); everything else is a config override.
+``bench.<key>=<value>`` arguments (the ``bench`` node of conf/bench.yaml, typed by
+schemas.BenchSchema); everything else is a config override.
 The printed tables are bench_report.py's.
 """
 
@@ -34,6 +35,7 @@ import torch
 from diffurec_lightning.bench_report import machine, print_report
 from diffurec_lightning.errors import ConfigError, DiffuRecError
 from diffurec_lightning.io import write_text
+from diffurec_lightning.schemas import BenchSchema
 from diffurec_lightning.utils import task_wrapper
 
 REFERENCE = [
@@ -49,53 +51,45 @@ PRECISIONS = {"fp32": None, "bf16-mixed": torch.bfloat16}
 PEAK_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def set_options(options: Any, prefix: str, args: list[str]) -> list[str]:
-    """Set every ``<prefix>.<key>=<value>`` of ``args`` on the dataclass ``options`` (typed as
-    its default), with a one-line ConfigError for an unknown key or a bad value; return the
-    other arguments (config overrides)."""
-    kinds = {field.name: type(field.default) for field in dataclasses.fields(options)}
-    overrides = []
-    for arg in args:
-        if not arg.startswith(f"{prefix}."):
-            overrides.append(arg)
-            continue
-        key, _, value = arg[len(prefix) + 1 :].partition("=")
-        if key not in kinds:
-            raise ConfigError(f"unknown option {prefix}.{key}; known: {', '.join(kinds)}")
-        try:
-            setattr(options, key, kinds[key](value))
-        except ValueError:
-            raise ConfigError(f"{prefix}.{key}={value}: expected a {kinds[key].__name__}") from None
-    return overrides
+def _is_option(arg: str) -> bool:
+    """``bench.<key>=...`` (also ``+``/``~``-prefixed): a bench option, not a run override."""
+    key = arg.split("=", 1)[0].lstrip("+~")
+    return key == "bench" or key.startswith("bench.")
 
 
-@dataclasses.dataclass
-class BenchOptions:
-    """``bench.<key>=<value>`` on the command line."""
+def parse_options(args: list[str]) -> tuple[BenchSchema, list[str]]:
+    """The ``bench`` node of conf/bench.yaml with ``args`` applied, and the other arguments (the
+    config overrides of the measured runs). All of them are composed first, so a misspelt or
+    mistyped option (``bench.steps=3``, ``bench.train_steps=x``) or override is one ConfigError
+    line before anything is measured."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
 
-    warmup_steps: int = 2  # training steps run before timing (same batches, untimed)
-    train_steps: int = 6  # timed training steps
-    eval_batches: int = 4  # timed validation batches (0 = the whole validation split)
-    threads: int = 0  # torch threads in the measuring processes (0 = torch's default)
-    precisions: str = "fp32,bf16-mixed"  # comma-separated, from PRECISIONS
-    allocator: str = "env"  # env = as inherited | both = also with MALLOC_* removed
-    device: str = "cpu"  # cpu | cuda
-    profile: int = 0  # > 0: also print the top ops of the timed steps (torch.profiler), this many
-    json: str = ""  # also write the results to this file
+    from diffurec_lightning.cli import check_overrides
 
-    @classmethod
-    def parse(cls, args: list[str]) -> tuple[BenchOptions, list[str]]:
-        options = cls()
-        overrides = set_options(options, "bench", args)
-        for name in options.precision_list():
-            if name not in PRECISIONS:
-                raise ConfigError(f"bench.precisions: unknown '{name}'; use {list(PRECISIONS)}")
-        if options.allocator not in ("env", "both"):
-            raise ConfigError(f"bench.allocator must be env or both, got '{options.allocator}'")
-        return options, overrides
+    try:
+        parsed = OverridesParser.create().parse_overrides(args)
+    except HydraException as exc:
+        raise ConfigError(f"cannot read the arguments: {str(exc).splitlines()[0]}") from None
+    for override in parsed:
+        if override.is_sweep_override():  # bench.precisions=fp32,bf16-mixed reads as a sweep
+            key, _, value = override.input_line.partition("=")
+            raise ConfigError(
+                f"{override.input_line}: one value per setting; quote a list: {key}='{value}'"
+            )
+    cfg = check_overrides(args, "bench")
+    options = OmegaConf.to_object(cfg.bench)
+    for name in precision_list(options):
+        if name not in PRECISIONS:
+            raise ConfigError(f"bench.precisions: unknown '{name}'; use {list(PRECISIONS)}")
+    if options.allocator not in ("env", "both"):
+        raise ConfigError(f"bench.allocator must be env or both, got '{options.allocator}'")
+    return options, [arg for arg in args if not _is_option(arg)]
 
-    def precision_list(self) -> list[str]:
-        return [name.strip() for name in self.precisions.split(",") if name.strip()]
+
+def precision_list(options: BenchSchema) -> list[str]:
+    return [name.strip() for name in options.precisions.split(",") if name.strip()]
 
 
 # -- measurements (each runs in its own child process) -------------------------------------------
@@ -315,7 +309,7 @@ def allocator_envs(mode: str) -> dict[str, dict[str, str]]:
 
 
 def main(argv: list[str]) -> dict[str, Any]:
-    options, overrides = BenchOptions.parse(argv)
+    options, overrides = parse_options(argv)
     results: dict[str, Any] = {
         "machine": machine(),
         "options": dataclasses.asdict(options),
@@ -326,7 +320,7 @@ def main(argv: list[str]) -> dict[str, Any]:
     for alloc, env in allocator_envs(options.allocator).items():
         block = {"load_before": os.getloadavg(), "precisions": {}}
         block["peaks"] = _child({**base, "kind": "peaks"}, env)
-        for precision in options.precision_list():
+        for precision in precision_list(options):
             job = {**base, "precision": precision}
             block["precisions"][precision] = {
                 kind: _child({**job, "kind": kind}, env) for kind in ("train", "eval")
@@ -347,8 +341,8 @@ def cli() -> None:
     elif {"-h", "--help"} & set(sys.argv[1:]):
         print(__doc__)
         print(
-            "bench.<key>=<value> options:",
-            ", ".join(f.name for f in dataclasses.fields(BenchOptions)),
+            "bench.<key>=<value> options (conf/bench.yaml):",
+            ", ".join(f.name for f in dataclasses.fields(BenchSchema)),
         )
     else:
         task_wrapper(main)(sys.argv[1:])

@@ -34,6 +34,26 @@ SHARES = (0.90, 0.95, 1.00)
 METRICS = ("val/hr@10", "val/ndcg@10")
 
 
+def set_options(options: Any, prefix: str, args: list[str]) -> list[str]:
+    """Set every ``<prefix>.<key>=<value>`` of ``args`` on the dataclass ``options`` (typed as
+    its default), with a one-line ConfigError for an unknown key or a bad value; return the
+    other arguments (config overrides)."""
+    kinds = {field.name: type(field.default) for field in dataclasses.fields(options)}
+    overrides = []
+    for arg in args:
+        if not arg.startswith(f"{prefix}."):
+            overrides.append(arg)
+            continue
+        key, _, value = arg[len(prefix) + 1 :].partition("=")
+        if key not in kinds:
+            raise ConfigError(f"unknown option {prefix}.{key}; known: {', '.join(kinds)}")
+        try:
+            setattr(options, key, kinds[key](value))
+        except ValueError:
+            raise ConfigError(f"{prefix}.{key}={value}: expected a {kinds[key].__name__}") from None
+    return overrides
+
+
 @dataclasses.dataclass
 class TTAOptions:
     """``tta.<key>=<value>`` on the command line."""
@@ -45,8 +65,6 @@ class TTAOptions:
 
     @classmethod
     def parse(cls, args: list[str]) -> tuple[TTAOptions, list[str]]:
-        from diffurec_lightning.bench import set_options
-
         options = cls()
         overrides = set_options(options, "tta", args)
         if options.every < 1:

@@ -1,4 +1,5 @@
-"""Typed schemas of the ``data`` and ``trainer`` config groups (Hydra structured configs).
+"""Typed schemas of the ``data`` and ``trainer`` config groups and of the ``bench`` node
+(Hydra structured configs); the ``model`` group's are in model_schemas.py.
 
 Every YAML of these groups names its schema first in its defaults list (``- data_schema``,
 ``- trainer_schema``), so composition itself checks the types and the keys: ``data.batch_size=abc``
@@ -57,10 +58,30 @@ class TrainerSchema:
     fast_dev_run: bool | int = False  # conf/debug/fast.yaml
 
 
+@dataclass
+class BenchSchema:
+    """The ``bench`` node of conf/bench.yaml (``bench.<key>=<value>``; bench.py reads it)."""
+
+    warmup_steps: int = 2
+    train_steps: int = 6
+    eval_batches: int = 4
+    threads: int = 0
+    precisions: str = "fp32,bf16-mixed"
+    allocator: str = "env"
+    device: str = "cpu"
+    profile: int = 0
+    json: str = ""
+
+
 def register() -> None:
     """Put the schemas in Hydra's ConfigStore (before any config is composed)."""
     from hydra.core.config_store import ConfigStore
 
+    from diffurec_lightning.model_schemas import MODEL_SCHEMAS
+
     store = ConfigStore.instance()
     store.store(group="data", name="data_schema", node=DataSchema)
     store.store(group="trainer", name="trainer_schema", node=TrainerSchema)
+    for name, schema in MODEL_SCHEMAS.items():
+        store.store(group="model", name=name, node=schema)
+    store.store(name="bench_schema", node=BenchSchema)  # placed at `bench` by conf/bench.yaml

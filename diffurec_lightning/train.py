@@ -199,9 +199,39 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
+def check_optimized_metric(cfg: DictConfig) -> None:
+    """``optimized_metric`` must name a metric this run reports (ConfigError), checked before
+    any data work: ``val/<m>@K`` (or the logged ``val/<m>@K_best``) or ``test/<m>@K``."""
+    name = cfg.get("optimized_metric")
+    if name is None:
+        return
+    ks = list(cfg.model.get("ks", []))
+    val = [f"val/{metric}@{k}" for metric in ("hr", "ndcg") for k in ks]
+    known = [*val, *(f"{key}_best" for key in val), *(key.replace("val/", "test/") for key in val)]
+    if name not in known:
+        raise ConfigError(
+            f"optimized_metric={name} is not a metric of this run; use val/hr@K, val/ndcg@K "
+            f"(the best validation value) or test/hr@K, test/ndcg@K, K in {ks}, or null"
+        )
+
+
+def optimized_value(results: dict[str, Any], name: str | None) -> float | None:
+    """The value a Hydra sweeper optimises (``optimized_metric``): a validation metric's best
+    over the run's validations, or a test metric; None without a name or without the metric
+    (e.g. train=false, or the refit protocol, which has no validation)."""
+    if name is None:
+        return None
+    if name.startswith("test/"):
+        value = results["test"].get(name)
+    else:
+        value = results["val_max"].get(name.removesuffix("_best"))
+    return None if value is None else float(value)
+
+
 @task_wrapper
 def train_or_refit(cfg: DictConfig) -> dict[str, Any]:
     """``train``, or ``refit`` for ``data.protocol=refit`` (which runs train() itself)."""
+    check_optimized_metric(cfg)
     if cfg.data.get("protocol", "standard") == "refit":
         from diffurec_lightning.refit import refit
 
@@ -212,8 +242,8 @@ def train_or_refit(cfg: DictConfig) -> dict[str, Any]:
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     results = train_or_refit(cfg)
-    # The value a Hydra sweeper would optimise.
-    return results["val_best"].get(cfg.monitor)
+    # What a Hydra sweeper (Optuna, Nevergrad, ...) optimises.
+    return optimized_value(results, cfg.get("optimized_metric"))
 
 
 def cli() -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from diffurec_lightning.bench import BenchOptions, main
+from diffurec_lightning.bench import main, parse_options
 from diffurec_lightning.errors import ConfigError
 
 SMALL = [
@@ -44,10 +44,21 @@ def test_bench_measures_every_column(run_env: Path, capsys: pytest.CaptureFixtur
 
 
 def test_bench_options_are_checked() -> None:
-    with pytest.raises(ConfigError, match="unknown option bench.steps"):
-        BenchOptions.parse(["bench.steps=3"])
+    """The bench node of conf/bench.yaml is typed and key-checked at composition."""
+    options, overrides = parse_options(["bench.train_steps=3", "data=beauty", "seed=1"])
+    assert (options.train_steps, options.warmup_steps) == (3, 2)  # the rest: conf/bench.yaml
+    assert overrides == ["data=beauty", "seed=1"]  # for the measured runs
+    with pytest.raises(ConfigError, match=r"^bench.steps: no such setting \(did you mean"):
+        parse_options(["bench.steps=3"])
+    with pytest.raises(ConfigError, match=r"^bench.train_steps=x: expected an integer"):
+        parse_options(["bench.train_steps=x"])
     with pytest.raises(ConfigError, match="bench.precisions: unknown 'fp8'"):
-        BenchOptions.parse(["bench.precisions=fp8"])
+        parse_options(["bench.precisions=fp8"])
+    with pytest.raises(ConfigError, match="one value per setting; quote"):
+        parse_options(["bench.precisions=fp32,bf16-mixed"])
+    assert parse_options(["bench.precisions='fp32,bf16-mixed'"])[0].precisions == "fp32,bf16-mixed"
+    with pytest.raises(ConfigError, match="data.max_lenn: no such setting"):
+        parse_options(["data.max_lenn=5"])  # the runs' overrides are checked up front too
 
 
 def test_time_to_accuracy_bench_on_real_toys(run_env: Path, capsys: pytest.CaptureFixture) -> None:

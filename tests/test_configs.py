@@ -108,6 +108,62 @@ def test_wrong_types_fail_at_composition(override: str) -> None:
         check_overrides([override])
 
 
+@pytest.mark.parametrize(
+    "model, override",
+    [
+        ("diffurec", "model.diffusion.num_steps=abc"),
+        ("diffurec", "model.optimizer.lr=abc"),
+        ("diffurecsys", "model.hidden_size=abc"),
+        ("diffurecsys", "model.net.block_output_dropout=maybe"),
+        ("dcrec", "model.lambda_epochs=abc"),
+        ("sasrec", "model.net.num_blocks=abc"),
+        ("gru4rec", "model.scheduler.step_size=abc"),
+        ("markov", "model.normalize=maybe"),
+    ],
+)
+def test_wrong_model_types_fail_at_composition(model: str, override: str) -> None:
+    """The model schemas (diffurec_lightning/model_schemas.py) type the nested nodes too."""
+    with pytest.raises(ConfigCompositionException, match="Error merging override"):
+        compose_config([f"model={model}", override])
+    with pytest.raises(ConfigError, match=rf"^{re.escape(override)}: expected "):
+        check_overrides([f"model={model}", override])
+
+
+def test_a_misspelt_model_key_is_an_error(tmp_path: Path) -> None:
+    """In a model YAML (one that extends another inherits its schema) and on the command line;
+    a node may still be dropped (``model.scheduler=null``) or a key added with ``+``."""
+    (tmp_path / "model").mkdir()
+    text = "defaults:\n  - diffurecsys\n  - _self_\nnet:\n  num_block: 2\n"
+    (tmp_path / "model" / "mine.yaml").write_text(text)
+    with (
+        initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"),
+        pytest.raises(ConfigCompositionException, match="num_block"),
+    ):
+        compose("train", overrides=["model=mine", f"hydra.searchpath=[file://{tmp_path}]"])
+    with pytest.raises(ConfigError, match=r"^model.net.num_block: no such setting \(did you mean"):
+        check_overrides(["model.net.num_block=2"])
+    assert compose_config(["model.scheduler=null"]).model.scheduler is None
+    assert compose_config(["+model.optimizer.amsgrad=true"]).model.optimizer.amsgrad is True
+
+
+@pytest.mark.parametrize("model", names("model"))
+def test_model_schemas_add_no_key_of_their_own(model: str) -> None:
+    """The schemas carry types only: every key of a composed model is set by its YAML (a schema
+    key no YAML sets would stay ???), and only num_items is left for the data to fill in."""
+    container = OmegaConf.to_container(compose_config([f"model={model}"]).model, resolve=False)
+    assert _missing(container) == ["num_items"]
+
+
+def _missing(node: dict, prefix: str = "") -> list[str]:
+    found = []
+    for key, value in node.items():
+        if isinstance(value, dict):
+            found += _missing(value, f"{prefix}{key}.")
+        elif value == "???":
+            found.append(f"{prefix}{key}")
+    return found
+
+
 @pytest.mark.parametrize("experiment", names("experiment"))
 def test_every_experiment_composes_and_builds(experiment: str) -> None:
     model_name, _, data_name = experiment.partition("_")

@@ -78,10 +78,11 @@ def cli(files: dict[str, Path], module: str, *args: str) -> subprocess.Completed
     )
 
 
-TRAIN, EVAL, PREPARE = (
+TRAIN, EVAL, PREPARE, BENCH = (
     "diffurec_lightning.train",
     "diffurec_lightning.eval",
     "diffurec_lightning.data.prepare",
+    "diffurec_lightning.bench",
 )
 RUN = ["data=synthetic", "logger=csv", "hydra.run.dir={root}/out"]
 # (entry point, arguments, what the error line must say)
@@ -117,6 +118,15 @@ CASES = {
         "data.source.k_core=abc: expected an integer",
     ),
     "lr": (TRAIN, ["model.optimizer.lr=abc"], "model.optimizer.lr=abc: expected a number"),
+    "num-steps": (
+        TRAIN, ["data=toys", "model=diffurec", "model.diffusion.num_steps=abc"],
+        "model.diffusion.num_steps=abc: expected an integer",
+    ),
+    "hidden-size": (TRAIN, ["model=sasrec", "model.hidden_size=abc"], "model.hidden_size=abc: expected an integer"),
+    "model-misspelt": (TRAIN, ["model.net.num_block=2"], "(did you mean num_blocks?)"),
+    "optimized-metric": (TRAIN, [*RUN, "optimized_metric=val/auc"], "optimized_metric=val/auc is not a metric"),
+    "bench-misspelt": (BENCH, ["bench.allocater=both"], "bench.allocater: no such setting"),
+    "bench-type": (BENCH, ["bench.train_steps=many"], "bench.train_steps=many: expected an integer"),
     "epochs-float": (TRAIN, ["trainer.max_epochs=2.5"], "trainer.max_epochs=2.5: expected an integer"),
     "unknown-parameter": (TRAIN, ["+model.diffusion.nm_steps=4"], "did you mean model.diffusion.num_steps?"),
     "bad-syntax": (TRAIN, ["model.ks=[5,10"], "cannot read the overrides"),

@@ -67,6 +67,24 @@ def test_same_seed_gives_same_metrics(run_env: Path) -> None:
     assert other["test"] != first["test"]
 
 
+def test_main_returns_the_optimized_metric(run_env: Path) -> None:
+    """What a Hydra sweeper optimises: optimized_metric (default: the root monitor), as its best
+    validation value, or a test metric; a name the run does not report stops before training."""
+    from diffurec_lightning.train import check_optimized_metric, main, optimized_value
+
+    cfg = compose_config([f"paths.output_dir={run_env / 'm'}", "logger=csv", *synthetic(1)])
+    assert cfg.optimized_metric == cfg.monitor == "val/ndcg@10"
+    value = main(cfg)
+    saved = json.loads((run_env / "m" / "results.json").read_text())
+    assert isinstance(value, float) and value == saved["val_max"]["val/ndcg@10"] > 0
+    assert optimized_value(saved, "val/ndcg@10_best") == value  # the name W&B logs it under
+    assert optimized_value(saved, "test/hr@10") == saved["test"]["test/hr@10"]
+    assert optimized_value(saved, None) is None
+    for name in ("val/auc", "test/hr@10_best", "val/hr@7"):
+        with pytest.raises(ConfigError, match=f"optimized_metric={name} is not a metric"):
+            check_optimized_metric(compose_config([f"optimized_metric={name}"]))
+
+
 def _validate(cfg_overrides: list[str], tmp_path: Path, ckpt: str) -> dict[str, float]:
     cfg = compose_config([f"paths.output_dir={tmp_path}", "logger=csv", *cfg_overrides])
     datamodule, model, trainer = build(cfg)
@@ -231,7 +249,9 @@ def test_cli_reports_bad_input_in_one_line(run_env: Path) -> None:
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines()[-1] == "error: model.lambda_scale must be >= 0, got -1"
+    assert (
+        done.stderr.strip().splitlines()[-1] == "error: model.lambda_scale must be >= 0, got -1.0"
+    )
 
 
 def test_loss_aware_sampler_is_updated_during_training(run_env: Path) -> None:

@@ -194,17 +194,32 @@ def check_params(sweep: Mapping[str, Any], params: Mapping[str, Any]) -> list[st
         return problems
     cfg, error = _compose(hydra_overrides(agent_command(sweep, params)))
     if cfg is None:
-        return [error]
+        # A typed schema (schemas.py, model_schemas.py) refused a value while composing: name
+        # the parameter as below, from the kind of the value sent.
+        named = [
+            problem
+            for key, sent in params.items()
+            if key not in groups
+            for problem in _kind_problem(key, sent, _kind(sent), _select(base, key))
+        ]
+        return named or [error]
     for key, sent in params.items():
         if key in groups:
             continue
-        default, landed = _select(base, key), _select(cfg, key)
-        expected, got = _kind(default), _kind(landed)
-        if expected not in ("null", got) and (expected, got) != ("float", "int"):
-            problems.append(f"{key}: {sent!r} lands as {got}, but the config key is {expected}")
-        elif not _same_value(sent, landed):
+        landed = _select(cfg, key)
+        wrong_kind = _kind_problem(key, sent, _kind(landed), _select(base, key))
+        problems += wrong_kind
+        if not wrong_kind and not _same_value(sent, landed):
             problems.append(f"{key}: sent {sent!r}, the config got {landed!r}")
     return problems
+
+
+def _kind_problem(key: str, sent: Any, got: str, default: Any) -> list[str]:
+    """A value of kind ``got`` for a key whose default is ``default``: [] if it fits."""
+    expected = _kind(default)
+    if expected not in ("null", got) and (expected, got) != ("float", "int"):
+        return [f"{key}: {sent!r} lands as {got}, but the config key is {expected}"]
+    return []
 
 
 def _select(cfg: DictConfig, key: str) -> Any:
