@@ -8,9 +8,9 @@ included: ``model.diffusion.num_steps=abc``, ``model.optimizer.lr=abc`` or
 error instead of an ignored setting.
 
 The schemas carry types only (every field is ``???``): the YAML files stay the one place for the
-values and their documentation. A composed config keeps the schema's key order, so each
-dataclass lists its keys in the order of its YAML. The ``_target_`` of a node may name another
-class that takes the same arguments (``torch.optim.AdamW`` for ``Adam``,
+values and their documentation. A composed config keeps the schema's key order (a base class's
+shared keys first), not its YAML's; nothing reads the keys in order. The ``_target_`` of a node
+may name another class that takes the same arguments (``torch.optim.AdamW`` for ``Adam``,
 ``CrossAttentionApproximator`` for ``DiffuRecApproximator``); a class with other arguments is a
 new schema here plus its YAML. Keys can still be added on purpose from the command line with
 ``+`` (``+model.optimizer.amsgrad=true``; cli.check_overrides checks that the class takes it).
@@ -33,36 +33,32 @@ class GaussianDiffusionSchema:
 
 
 @dataclass
-class ApproximatorSchema:
-    """DiffuRecApproximator | CrossAttentionApproximator (models/approximators.py)."""
+class _TransformerSchema:
+    """The keys every transformer encoder takes; each net adds its own after them."""
 
     _target_: str = MISSING
     hidden_size: int = MISSING
     num_blocks: int = MISSING
     num_heads: int = MISSING
     dropout: float = MISSING
+
+
+@dataclass
+class ApproximatorSchema(_TransformerSchema):
+    """DiffuRecApproximator | CrossAttentionApproximator (models/approximators.py)."""
+
     block_output_dropout: bool = MISSING
     num_steps: int = MISSING
 
 
 @dataclass
-class DualConditionalTransformerSchema:
-    _target_: str = MISSING
-    hidden_size: int = MISSING
-    num_blocks: int = MISSING
-    num_heads: int = MISSING
-    dropout: float = MISSING
+class DualConditionalTransformerSchema(_TransformerSchema):
     num_steps: int = MISSING
     attention_mask: str = MISSING
 
 
 @dataclass
-class SASRecNetSchema:
-    _target_: str = MISSING
-    hidden_size: int = MISSING
-    num_blocks: int = MISSING
-    num_heads: int = MISSING
-    dropout: float = MISSING
+class SASRecNetSchema(_TransformerSchema):
     block_output_dropout: bool = MISSING
 
 
@@ -103,88 +99,74 @@ class SamplerSchema:
 
 
 # -- the models (one per YAML that does not extend another) -------------------------------------
+# Shared keys live in a base class, declared once; dataclass inheritance puts a base's keys first.
 @dataclass
-class DiffuRecSchema:
-    """diffurec.yaml, and diffurecsys_v1.yaml / diffurecsys.yaml, which extend it."""
+class _ModuleSchema:
+    """The keys of every module: its class, the data's item count and the evaluation."""
 
     _target_: str = MISSING
-    _recursive_: bool = MISSING
     _convert_: str = MISSING
     name: str = MISSING
     num_items: int = MISSING
-    hidden_size: int = MISSING
-    emb_dropout: float = MISSING
-    position_embedding: bool = MISSING
-    item_init: str = MISSING
-    max_len: int = MISSING
-    net: ApproximatorSchema = field(default_factory=ApproximatorSchema)
-    diffusion: GaussianDiffusionSchema = field(default_factory=GaussianDiffusionSchema)
-    timestep_sampler: str = MISSING
-    lambda_scale: float = MISSING
-    offset_noise_strength: float = MISSING
-    ensemble_size: int = MISSING
-    sampler: SamplerSchema = field(default_factory=SamplerSchema)
-    val_sampler: SamplerSchema = field(default_factory=SamplerSchema)
-    eval_seed: int = MISSING
-    optimizer: AdamSchema = field(default_factory=AdamSchema)
-    scheduler: StepLRSchema | None = field(default_factory=StepLRSchema)
     ks: list[int] = MISSING
     monitor: str = MISSING
     predict_k: int = MISSING
 
 
 @dataclass
-class DCRecSchema:
-    _target_: str = MISSING
+class _TrainedModuleSchema(_ModuleSchema):
+    """The keys of the gradient-trained modules (they build their nested nodes themselves)."""
+
     _recursive_: bool = MISSING
-    _convert_: str = MISSING
-    name: str = MISSING
-    num_items: int = MISSING
     hidden_size: int = MISSING
     emb_dropout: float = MISSING
     item_init: str = MISSING
-    position_init: str = MISSING
     max_len: int = MISSING
-    net: DualConditionalTransformerSchema = field(default_factory=DualConditionalTransformerSchema)
+    optimizer: AdamSchema = field(default_factory=AdamSchema)
+    scheduler: StepLRSchema | None = field(default_factory=StepLRSchema)
+
+
+@dataclass
+class _DiffusionModuleSchema(_TrainedModuleSchema):
+    """The keys of the diffusion family (DiffuRec, DCRec): forward and reverse process."""
+
     diffusion: GaussianDiffusionSchema = field(default_factory=GaussianDiffusionSchema)
+    sampler: SamplerSchema = field(default_factory=SamplerSchema)
+    val_sampler: SamplerSchema = field(default_factory=SamplerSchema)
+    ensemble_size: int = MISSING
+    eval_seed: int = MISSING
+
+
+@dataclass
+class DiffuRecSchema(_DiffusionModuleSchema):
+    """diffurec.yaml, and diffurecsys_v1.yaml / diffurecsys.yaml, which extend it."""
+
+    position_embedding: bool = MISSING
+    net: ApproximatorSchema = field(default_factory=ApproximatorSchema)
+    timestep_sampler: str = MISSING
+    lambda_scale: float = MISSING
+    offset_noise_strength: float = MISSING
+
+
+@dataclass
+class DCRecSchema(_DiffusionModuleSchema):
+    position_init: str = MISSING
+    net: DualConditionalTransformerSchema = field(default_factory=DualConditionalTransformerSchema)
     prior_offset_strength: float = MISSING
     offset_in_training: bool = MISSING
     stop_target_gradient: bool = MISSING
     prior_positions: str = MISSING
-    sampler: SamplerSchema = field(default_factory=SamplerSchema)
-    val_sampler: SamplerSchema = field(default_factory=SamplerSchema)
     lambda_start: float = MISSING
     lambda_floor: float = MISSING
     lambda_epochs: int = MISSING
     lambda_power: float = MISSING
-    ensemble_size: int = MISSING
-    eval_seed: int = MISSING
-    optimizer: AdamSchema = field(default_factory=AdamSchema)
-    scheduler: StepLRSchema | None = field(default_factory=StepLRSchema)
-    ks: list[int] = MISSING
-    monitor: str = MISSING
-    predict_k: int = MISSING
 
 
 @dataclass
-class SASRecSchema:
-    _target_: str = MISSING
-    _recursive_: bool = MISSING
-    _convert_: str = MISSING
-    name: str = MISSING
-    num_items: int = MISSING
+class SASRecSchema(_TrainedModuleSchema):
     objective: str = MISSING
-    hidden_size: int = MISSING
-    emb_dropout: float = MISSING
     position_embedding: bool = MISSING
-    item_init: str = MISSING
-    max_len: int = MISSING
     net: SASRecNetSchema = field(default_factory=SASRecNetSchema)
-    optimizer: AdamSchema = field(default_factory=AdamSchema)
-    scheduler: StepLRSchema | None = field(default_factory=StepLRSchema)
-    ks: list[int] = MISSING
-    monitor: str = MISSING
-    predict_k: int = MISSING
 
 
 @dataclass
@@ -195,30 +177,17 @@ class GRU4RecSchema(SASRecSchema):
 
 
 @dataclass
-class PopSchema:
-    _target_: str = MISSING
-    _convert_: str = MISSING
-    name: str = MISSING
-    num_items: int = MISSING
-    ks: list[int] = MISSING
-    monitor: str = MISSING
-    predict_k: int = MISSING
+class PopSchema(_ModuleSchema):
+    """Pop has no keys beyond the common ones."""
 
 
 @dataclass
-class MarkovSchema:
-    _target_: str = MISSING
-    _convert_: str = MISSING
-    name: str = MISSING
-    num_items: int = MISSING
+class MarkovSchema(_ModuleSchema):
     order: int = MISSING
     last_weight: float = MISSING
     second_last_weight: float = MISSING
     backoff: float = MISSING
     normalize: bool = MISSING
-    ks: list[int] = MISSING
-    monitor: str = MISSING
-    predict_k: int = MISSING
 
 
 # ConfigStore names in the model group (``- <name>`` first in a model YAML's defaults list).
