@@ -23,6 +23,7 @@ SMALL = [
 ]
 
 
+@pytest.mark.slow  # make test-all: a real run, long on 2 cores
 def test_bench_measures_every_column(run_env: Path, capsys: pytest.CaptureFixture) -> None:
     out = run_env / "bench.json"
     args = ["bench.warmup_steps=1", "bench.train_steps=1", "bench.eval_batches=1"]
@@ -61,6 +62,7 @@ def test_bench_options_are_checked() -> None:
         parse_options(["data.max_lenn=5"])  # the runs' overrides are checked up front too
 
 
+@pytest.mark.slow  # make test-all: a real run, long on 2 cores
 def test_time_to_accuracy_bench_on_real_toys(run_env: Path, capsys: pytest.CaptureFixture) -> None:
     from diffurec_lightning.bench_tta import main as tta
 

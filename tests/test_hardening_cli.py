@@ -133,7 +133,18 @@ CASES = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+# Each refusal path stays in the fast suite once; these repeat one of them (another file kind,
+# entry point or type) and run in make test-all, to keep make test short on slow CPUs.
+SLOW_CASES = {
+    "eval-text", "train-resume-text", "test-only-text", "curves-text", "prepare-bogus",
+    "bench-type", "epochs-float",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "case",
+    [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_CASES else c for c in sorted(CASES)],
+)
 def test_bad_input_gets_one_error_line(files: dict[str, Path], case: str) -> None:
     module, args, expected = CASES[case]
     done = cli(files, module, *args)
@@ -143,7 +154,9 @@ def test_bad_input_gets_one_error_line(files: dict[str, Path], case: str) -> Non
     assert "Traceback" not in done.stderr
 
 
-@pytest.mark.parametrize("name", ["crafted.ckpt", "crafted.pkl"])
+@pytest.mark.parametrize(
+    "name", ["crafted.ckpt", pytest.param("crafted.pkl", marks=pytest.mark.slow)]
+)
 def test_a_crafted_checkpoint_never_runs_its_payload(files: dict[str, Path], name: str) -> None:
     crafted = files["root"] / name
     # The zip checkpoint is refused at its global (named); torch's weights-only unpickler stops

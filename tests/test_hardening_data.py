@@ -123,6 +123,7 @@ def test_sigterm_during_an_import_leaves_nothing(clicks: Path, tmp_path: Path) -
     assert list(tmp_path.iterdir()) == []  # no scratch folder, no half-written cache
 
 
+@pytest.mark.slow  # make test-all: a real run, long on 2 cores
 def test_sigkill_leftovers_are_removed_by_the_next_import(clicks: Path, tmp_path: Path) -> None:
     process = start_import(clicks, tmp_path)
     wait_for_scratch(process, tmp_path)

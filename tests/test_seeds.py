@@ -8,11 +8,14 @@ import shlex
 import subprocess
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 RESULT_KEYS = {"config", "dataset", "model", "seed", "val", "val_best", "test", "epochs"}
 RESULT_KEYS |= {"wall_time_s", "best_checkpoint"}
 
 
+@pytest.mark.slow  # make test-all: a real run, long on 2 cores
 def test_make_seeds_writes_one_results_file_per_seed(run_env: Path) -> None:
     args = (
         "trainer.max_epochs=1 trainer.check_val_every_n_epoch=1 callbacks.progress_bar=null "

@@ -205,6 +205,7 @@ def submit_tiny(home: Path, name: str, epochs: int) -> tuple[str, Path, Path]:
     return job_id, run_dir, job.log_dir / f"{name}-{job_id}.out"
 
 
+@pytest.mark.slow  # make test-all: a real run, long on 2 cores
 def test_sbatch_script_trains_two_ddp_ranks(slurm_env: Path) -> None:
     job_id, run_dir, log = submit_tiny(slurm_env, "diffurec-test-ddp", epochs=2)
     wait_for(lambda: finished(job_id), 300, f"job {job_id} to finish", log)

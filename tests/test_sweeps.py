@@ -191,6 +191,7 @@ QUICK = {
 }
 
 
+@pytest.mark.slow  # make test-all: a real run, long on 2 cores
 def test_a_sampled_trial_trains_offline_on_toys(sweeps: Any, run_env: Path) -> None:
     sweep = load_sweep(TOYS_SWEEP)
     (params,) = sample_trials(sweeps, sweep, 1)

@@ -21,6 +21,7 @@ TINY = [
 ]
 
 
+@pytest.mark.slow  # make test-all: a real run, long on 2 cores
 def test_val_budget_reads_every_checkpoint_of_a_run(run_env: Path) -> None:
     run = run_env / "run"
     cfg = compose_config(
