@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from collections import OrderedDict
@@ -14,7 +13,7 @@ import polars as pl
 import pytest
 import torch
 from omegaconf import open_dict
-from trained_run import REPO, eval_config, png_size
+from trained_run import REPO, cli_env, eval_config, png_size
 
 from diffurec_lightning import checkpoints
 from diffurec_lightning.checkpoints import MODEL_CLASS, load_checkpoint
@@ -37,8 +36,7 @@ def test_training_run_writes_case_studies(trained: dict) -> None:
 
 def test_eval_command_reproduces_the_test_metrics(trained: dict, tmp_path: Path) -> None:
     """The real CLI: load the checkpoint, find the dataset from the run, test, write eval.json."""
-    env = {**os.environ, "DIFFUREC_HOME": str(trained["home"]), "OMP_NUM_THREADS": "1"}
-    env["DIFFUREC_DATA_DIR"] = str(trained["home"] / "data")
+    env = cli_env(trained)
     out = tmp_path / "eval"
     command = [
         sys.executable, "-m", "diffurec_lightning.eval", f"ckpt_path={trained['best_checkpoint']}",

@@ -3,7 +3,6 @@ short real training run (the ``trained`` fixture)."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 import torch
-from trained_run import REPO, eval_config
+from trained_run import REPO, cli_env, eval_config
 
 from diffurec_lightning.data.store import load_sequences, load_store, write_cache
 from diffurec_lightning.errors import ConfigError, DataError
@@ -140,8 +139,7 @@ def test_predict_excludes_the_history(trained: dict, tmp_path: Path) -> None:
 
 def test_predict_on_two_processes_writes_the_same_file(trained: dict, tmp_path: Path) -> None:
     """DDP on two CPU processes: each rank streams its share, rank zero joins them in order."""
-    env = {**os.environ, "DIFFUREC_HOME": str(trained["home"]), "OMP_NUM_THREADS": "1"}
-    env["DIFFUREC_DATA_DIR"] = str(trained["home"] / "data")
+    env = cli_env(trained)
     out = tmp_path / "ddp.parquet"
     command = [
         sys.executable, "-m", "diffurec_lightning.eval", f"ckpt_path={trained['best_checkpoint']}",

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import struct
 from pathlib import Path
 
@@ -47,3 +48,14 @@ def eval_config(trained: dict, out: Path, *overrides: str):
         ],
         config_name="eval",
     )
+
+
+def cli_env(trained: dict) -> dict[str, str]:
+    """Environment for a CLI subprocess that must find the trained run's home and data cache."""
+    home = trained["home"]
+    return {
+        **os.environ,
+        "DIFFUREC_HOME": str(home),
+        "DIFFUREC_DATA_DIR": str(home / "data"),
+        "OMP_NUM_THREADS": "1",
+    }
