@@ -178,7 +178,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
         # All segments of a resumed run (RunClock), and this process alone.
-        "wall_time_s": round(clock.elapsed_s() if clock else time.time() - started, 2),
+        "wall_time_s": round((clock.previous_s if clock else 0.0) + time.time() - started, 2),
         "segment_wall_time_s": round(time.time() - started, 2),
         "best_checkpoint": best_path,
         "resumed_from": ckpt_path,
