@@ -228,8 +228,7 @@ def optimized_value(results: dict[str, Any], name: str | None) -> float | None:
     return None if value is None else float(value)
 
 
-@task_wrapper
-def train_or_refit(cfg: DictConfig) -> dict[str, Any]:
+def fit_by_protocol(cfg: DictConfig) -> dict[str, Any]:
     """``train``, or ``refit`` for ``data.protocol=refit`` (which runs train() itself)."""
     check_optimized_metric(cfg)
     if cfg.data.get("protocol", "standard") == "refit":
@@ -237,6 +236,12 @@ def train_or_refit(cfg: DictConfig) -> dict[str, Any]:
 
         return refit(cfg)
     return train(cfg)
+
+
+@task_wrapper
+def train_or_refit(cfg: DictConfig) -> dict[str, Any]:
+    """``fit_by_protocol`` as a command: a user's mistake is one ``error:`` line."""
+    return fit_by_protocol(cfg)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")

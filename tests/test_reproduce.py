@@ -81,3 +81,18 @@ def test_reproduce_writes_every_run_and_the_report(run_env: Path, capsys) -> Non
 def test_unknown_model_is_one_line(run_env: Path, capsys) -> None:
     assert main(["--models", "bert4rec", "--out-dir", str(run_env / "x"), "--no-wandb"]) == 2
     assert capsys.readouterr().err.strip() == "error: --models: no conf/model/bert4rec.yaml"
+
+
+def test_reproduce_runs_the_refit_protocol(run_env: Path) -> None:
+    """data.protocol=refit through make reproduce trains on training + validation items (no
+    validation) and labels the run, instead of stopping at the standard path's validation check."""
+    out = run_env / "refit"
+    args = ["--data", "toys", "--models", "sasrec", "--seeds", "1", "--out-dir", str(out)]
+    # debug=fast's fast_dev_run would validate; a one-batch budget does not
+    tiny = [o for o in TINY if o != "debug=fast"]
+    budget = ["trainer.limit_train_batches=1", "trainer.limit_test_batches=1"]
+    assert main([*args, "--no-wandb", *tiny, *budget, "data.protocol=refit", "refit.epochs=1"]) == 0
+    result = json.loads((out / "sasrec" / "seed0" / "results.json").read_text())
+    assert result["protocol"] == "refit" and result["refit"]["epochs"] == 1
+    assert result["refit"]["epochs_from"] == "refit.epochs" and "test/hr@10" in result["test"]
+    assert "sasrec (refit)" in (out / "report.md").read_text()

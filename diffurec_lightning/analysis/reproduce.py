@@ -94,7 +94,7 @@ def reproduce(
 ) -> dict[str, Any]:
     """Run every (model, seed) one at a time, then write ``out_dir/report.md``."""
     from diffurec_lightning.analysis.report import build_report
-    from diffurec_lightning.train import train
+    from diffurec_lightning.train import fit_by_protocol
 
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
@@ -125,7 +125,7 @@ def reproduce(
                 print(f"{model}: not its settings, skipped: {' '.join(skipped)}")
             print(f"== {model} on {data}, seed {seed} -> {folder}", flush=True)
             try:
-                train(cfg)
+                fit_by_protocol(cfg)  # data.protocol=refit runs the refit protocol
             finally:
                 finish_wandb()
     return build_report(

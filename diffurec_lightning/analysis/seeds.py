@@ -170,7 +170,8 @@ def case_rows(runs: Sequence[Run], metrics: Sequence[str] = CASE_METRICS) -> lis
         names = sorted({k.split("/")[1] for r in group for k in r["test"] if k.count("/") == 2})
         for name in sorted(names, key=_group_order):
             keys = [f"test/{name}/{m}" for m in metrics]
-            if not all(k in r["test"] for r in group for k in keys):
+            # a group no test user fell into (a small test budget) has None, not a value
+            if not all(r["test"].get(k) is not None for r in group for k in keys):
                 continue
             row: dict[str, Any] = {
                 "dataset": dataset,
