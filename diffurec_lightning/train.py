@@ -238,10 +238,8 @@ def fit_by_protocol(cfg: DictConfig) -> dict[str, Any]:
     return train(cfg)
 
 
-@task_wrapper
-def train_or_refit(cfg: DictConfig) -> dict[str, Any]:
-    """``fit_by_protocol`` as a command: a user's mistake is one ``error:`` line."""
-    return fit_by_protocol(cfg)
+# as a command: a user's mistake is one ``error:`` line
+train_or_refit = task_wrapper(fit_by_protocol)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
