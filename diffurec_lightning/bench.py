@@ -49,6 +49,7 @@ REFERENCE = [
 ALLOCATOR_KEYS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 PRECISIONS = {"fp32": None, "bf16-mixed": torch.bfloat16}
 PEAK_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+KERNELS = ("custom", "plain", "compile")
 
 
 def _is_option(arg: str) -> bool:
@@ -83,6 +84,8 @@ def parse_options(args: list[str]) -> tuple[BenchSchema, list[str]]:
     for name in precision_list(options):
         if name not in PRECISIONS:
             raise ConfigError(f"bench.precisions: unknown '{name}'; use {list(PRECISIONS)}")
+    if options.kernels not in KERNELS:
+        raise ConfigError(f"bench.kernels: unknown '{options.kernels}'; use one of {list(KERNELS)}")
     if options.allocator not in ("env", "both"):
         raise ConfigError(f"bench.allocator must be env or both, got '{options.allocator}'")
     return options, [arg for arg in args if not _is_option(arg)]
@@ -125,17 +128,34 @@ def matmul_peak(dtype: torch.dtype, device: torch.device, budget_s: float = 1.0)
     return best
 
 
-def _setup(overrides: list[str], device: torch.device) -> tuple[Any, Any, Any]:
+def _setup(job: dict[str, Any], device: torch.device) -> tuple[Any, Any, Any]:
+    """Config, data module and model of a measurement, the model's kernels as ``job`` asks."""
     from hydra.utils import instantiate
 
     from diffurec_lightning.config import compose_config
+    from diffurec_lightning.models.functional import set_custom_kernels
 
-    cfg = compose_config([*REFERENCE, *overrides, "logger=csv"])
+    cfg = compose_config([*REFERENCE, *job["overrides"], "logger=csv"])
     datamodule = instantiate(cfg.data)
     datamodule.setup()
     torch.manual_seed(cfg.seed)
     model = instantiate(cfg.model, num_items=datamodule.num_items).to(device)
+    set_custom_kernels(job["kernels"] == "custom")
+    if job["kernels"] == "compile" and hasattr(model, "net"):
+        # In place, so model.net keeps its class (and its FLOP count); one graph for all
+        # padded widths instead of one per width.
+        model.net.compile(dynamic=True)
     return cfg, datamodule, model
+
+
+def _warmup_batches(
+    job: dict[str, Any], batches: list[np.ndarray], lengths: np.ndarray, picked: list
+) -> list:
+    """The widest batches (so the peak memory is the epoch's peak); when compiling, the timed
+    batches too, so that no compilation falls inside the timing."""
+    by_width = sorted(batches, key=lambda b: -int(lengths[b].max()))
+    chosen = by_width[: job["warmup_steps"]]
+    return chosen + list(picked) if job["kernels"] == "compile" else chosen
 
 
 def quantile_batches(batches: list[np.ndarray], lengths: np.ndarray, count: int) -> list:
@@ -200,7 +220,7 @@ def _timed(
 
 def measure_train(job: dict[str, Any]) -> dict[str, Any]:
     device = torch.device(job["device"])
-    cfg, datamodule, model = _setup(job["overrides"], device)
+    cfg, datamodule, model = _setup(job, device)
     dataset = datamodule.dataset("train")
     sampler = datamodule.train_batch_sampler()
     picked = quantile_batches(sampler.global_batches(), dataset.lengths, job["train_steps"])
@@ -217,9 +237,7 @@ def measure_train(job: dict[str, Any]) -> dict[str, Any]:
         optimizer.step()
         return len(index), _useful("train", model, (batch["seq"] > 0).sum(1).cpu())
 
-    # Warm up on the widest batches of the epoch: the peak memory is then the epoch's peak.
-    widest = sorted(sampler.global_batches(), key=lambda b: -int(dataset.lengths[b].max()))
-    for batch in widest[: job["warmup_steps"]]:
+    for batch in _warmup_batches(job, sampler.global_batches(), dataset.lengths, picked):
         step(batch.tolist())
     _sync(device)
     timed = _timed(job, device, step, picked)
@@ -237,7 +255,7 @@ def measure_train(job: dict[str, Any]) -> dict[str, Any]:
 
 def measure_eval(job: dict[str, Any]) -> dict[str, Any]:
     device = torch.device(job["device"])
-    cfg, datamodule, model = _setup(job["overrides"], device)
+    cfg, datamodule, model = _setup(job, device)
     dataset = datamodule.dataset("val")
     batches = datamodule.eval_batch_sampler("val").global_batches()
     picked = quantile_batches(batches, dataset.lengths, job["eval_batches"])
@@ -253,8 +271,8 @@ def measure_eval(job: dict[str, Any]) -> dict[str, Any]:
         return len(index), _useful("eval", model, (batch["seq"] > 0).sum(1).cpu())
 
     with torch.inference_mode():
-        widest = max(batches, key=lambda b: int(dataset.lengths[b].max()))
-        step(widest.tolist())  # warm-up on the widest batch: the peak memory is the pass's peak
+        for batch in _warmup_batches({**job, "warmup_steps": 1}, batches, dataset.lengths, picked):
+            step(batch.tolist())
         _sync(device)
         timed = _timed(job, device, step, picked)
     return {

@@ -94,6 +94,7 @@ def print_report(results: dict[str, Any]) -> None:
         f"steps:   {options['warmup_steps']} warm-up + {options['train_steps']} timed training "
         f"steps, {options['eval_batches'] or 'all'} timed validation batches (quantiles of width)"
     )
+    print(f"kernels: {options.get('kernels', 'custom')}")
     print(
         "useful FLOP: matmul work of real items only, training = 3x forward (docs/performance.md)"
     )

@@ -70,6 +70,7 @@ class BenchSchema:
     allocator: str = "env"
     device: str = "cpu"
     profile: int = 0
+    kernels: str = "custom"
     json: str = ""
 
 

@@ -55,6 +55,9 @@ def test_bench_options_are_checked() -> None:
         parse_options(["bench.train_steps=x"])
     with pytest.raises(ConfigError, match="bench.precisions: unknown 'fp8'"):
         parse_options(["bench.precisions=fp8"])
+    with pytest.raises(ConfigError, match=r"bench.kernels: unknown 'fast'; use one of"):
+        parse_options(["bench.kernels=fast"])
+    assert parse_options(["bench.kernels=compile"])[0].kernels == "compile"
     with pytest.raises(ConfigError, match="one value per setting; quote"):
         parse_options(["bench.precisions=fp32,bf16-mixed"])
     assert parse_options(["bench.precisions='fp32,bf16-mixed'"])[0].precisions == "fp32,bf16-mixed"

@@ -218,8 +218,20 @@ def train_batches(data: SequenceDataModule, count: int) -> list[dict]:
     return [dataset.__getitems__(batch.tolist()) for batch in batches[:count]]
 
 
+@pytest.fixture(params=[True, False], ids=["custom_kernels", "pytorch_ops"])
+def kernels(request: pytest.FixtureRequest):
+    """Both CPU paths: our autograd functions (the default) and PyTorch's own ops (the form
+    torch.compile traces, bench.kernels=plain|compile)."""
+    functional.set_custom_kernels(request.param)
+    yield request.param
+    functional.set_custom_kernels(True)
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_training_steps_match_the_reference(variant: str, data: SequenceDataModule) -> None:
+def test_training_steps_match_the_reference(
+    variant: str, data: SequenceDataModule, kernels: bool
+) -> None:
+    assert functional.custom_kernels(torch.device("cpu")) is kernels
     fast = make_model(variant).train()
     plain = copy.deepcopy(fast)
     fast_opt = fast.configure_optimizers()["optimizer"]
@@ -401,3 +413,29 @@ def test_lean_functions_equal_the_plain_composition(dtype: torch.dtype) -> None:
     for a, b in zip(lean_grads, plain_grads, strict=True):
         assert a.dtype == b.dtype
         torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.slow  # make test-all: inductor compiles for about a minute on 2 cores
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_compiled_approximator_matches_eager(variant: str, data: SequenceDataModule) -> None:
+    """bench.kernels=compile measures this: the approximator compiled in place (dynamic shapes)
+    over PyTorch's ops returns what the eager one returns, for two batch widths."""
+    model = make_model(variant).eval()
+    compiled = copy.deepcopy(model)
+    functional.set_custom_kernels(False)
+    try:
+        compiled.net.compile(dynamic=True)
+        dataset = data.dataset("val")
+        batches = data.eval_batch_sampler("val").global_batches()
+        widths = {}
+        for batch in batches:
+            widths.setdefault(int(dataset.lengths[batch].max()), batch)
+        assert len(widths) > 1
+        with torch.inference_mode():
+            for batch in list(widths.values())[:2]:
+                items = dataset.__getitems__(batch.tolist())
+                torch.testing.assert_close(
+                    compiled.eval_scores(items), model.eval_scores(items), **TOL
+                )
+    finally:
+        functional.set_custom_kernels(True)

@@ -22,11 +22,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+_ENABLED = True  # set_custom_kernels(False): PyTorch's own ops on the CPU too (bench.kernels)
+
 
 def custom_kernels(device: torch.device) -> bool:
     """Whether the functions below replace PyTorch's on ``device``: on the CPU only, where they
     were measured (docs/performance.md); elsewhere PyTorch's fused kernels win. The one switch."""
-    return device.type == "cpu"
+    return device.type == "cpu" and _ENABLED
+
+
+def set_custom_kernels(enabled: bool) -> None:
+    """Turn the CPU functions below on (the default) or off for this process. Off, every layer
+    runs PyTorch's own ops, the form torch.compile traces (the bench's ``kernels`` option
+    compares the two)."""
+    global _ENABLED
+    _ENABLED = enabled
 
 
 def uniform(shape: torch.Size, device: torch.device) -> torch.Tensor:
