@@ -146,6 +146,7 @@ class DiffuRecSchema(_DiffusionModuleSchema):
     timestep_sampler: str = MISSING
     lambda_scale: float = MISSING
     offset_noise_strength: float = MISSING
+    transition_prior: float = MISSING
 
 
 @dataclass
@@ -166,6 +167,7 @@ class DCRecSchema(_DiffusionModuleSchema):
 class SASRecSchema(_TrainedModuleSchema):
     objective: str = MISSING
     position_embedding: bool = MISSING
+    transition_prior: float = MISSING
     net: SASRecNetSchema = field(default_factory=SASRecNetSchema)
 
 

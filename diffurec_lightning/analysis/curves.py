@@ -18,14 +18,12 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from diffurec_lightning.analysis import plots
 from diffurec_lightning.analysis.groups import metrics_from_ranks
 from diffurec_lightning.errors import ConfigError
 from diffurec_lightning.io import write_json, write_text
-from diffurec_lightning.metrics import target_ranks
 from diffurec_lightning.models.base import DiffusionRecommender
 from diffurec_lightning.progress import track
 
@@ -60,9 +58,7 @@ def test_ranks(
     for start in track(starts, len(starts), description):
         batch = dataset.__getitems__(indices[order[start : start + batch_size]].tolist())
         batch = {key: value.to(device) for key, value in batch.items()}
-        scores = model.eval_scores(batch, steps=steps, ensemble_size=ensemble_size)
-        padded = F.pad(scores, (1, 0), value=float("-inf"))  # column 0 = padding, never ranked
-        ranks.append(target_ranks(padded, batch["target"]).cpu())
+        ranks.append(model.rank_batch(batch, steps=steps, ensemble_size=ensemble_size).cpu())
     out = np.empty(len(indices), dtype=np.int64)
     out[order] = torch.cat(ranks).numpy()
     return out

@@ -34,6 +34,7 @@ from diffurec_lightning.diffusion.timesteps import make_timestep_sampler
 from diffurec_lightning.errors import ConfigError
 from diffurec_lightning.metrics import TopKMetrics, target_ranks, top_k_items
 from diffurec_lightning.models.embedding import ItemEmbedding
+from diffurec_lightning.models.transitions import TransitionPrior
 
 Batch = dict[str, torch.Tensor]
 Node = Mapping[str, Any]
@@ -174,6 +175,24 @@ class RecommenderModule(L.LightningModule):
             )
         return build(net, "net")
 
+    def build_prior(self) -> None:
+        """``self.prior``, a TransitionPrior, where ``transition_prior`` (its weight) is > 0;
+        its counts are fitted in ``setup`` or come with a checkpoint."""
+        weight = self.hparams.get("transition_prior", 0.0)
+        require(weight >= 0, f"model.transition_prior must be >= 0, got {weight}")
+        self.prior = TransitionPrior(self.hparams.num_items) if weight > 0 else None
+
+    def setup(self, stage: str) -> None:
+        prior = getattr(self, "prior", None)
+        if prior is None or prior.fitted():
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "dataset"):
+            raise ConfigError(
+                "model.transition_prior counts its transitions on a SequenceDataModule"
+            )
+        prior.fit(datamodule.dataset("train"))  # training sequences only, as model=markov
+
     # -- optimisation --------------------------------------------------------------------
     def make_optimizer(
         self, params: list[nn.Parameter], fused: bool = False
@@ -199,9 +218,19 @@ class RecommenderModule(L.LightningModule):
         }
 
     # -- evaluation ----------------------------------------------------------------------
+    def ranking_scores(self, batch: Batch, **scoring: Any) -> torch.Tensor:
+        """``eval_scores``, plus ``transition_prior`` times the transition prior where there is
+        one (then added to the log-softmax of the scores: log p(j) + w log(1 + counts))."""
+        scores = self.eval_scores(batch, **scoring)
+        prior = getattr(self, "prior", None)
+        if prior is None:
+            return scores
+        weight = self.hparams.transition_prior
+        return torch.log_softmax(scores.float(), dim=-1) + weight * prior(batch["seq"])
+
     def rank_batch(self, batch: Batch, **scoring: Any) -> torch.Tensor:
         """1-based rank of each user's target among all items (padding never ranked)."""
-        scores = self.eval_scores(batch, **scoring)
+        scores = self.ranking_scores(batch, **scoring)
         return target_ranks(F.pad(scores, (1, 0), value=float("-inf")), batch["target"])
 
     def validation_sampling(self) -> dict[str, Any]:
@@ -246,7 +275,7 @@ class RecommenderModule(L.LightningModule):
         self, batch: Batch, batch_idx: int = 0, *, k: int | None = None
     ) -> dict[str, torch.Tensor]:
         """The top ``k`` items of each user (None: ``predict_k``), padding never among them."""
-        scores = F.pad(self.eval_scores(batch), (1, 0), value=float("-inf"))
+        scores = F.pad(self.ranking_scores(batch), (1, 0), value=float("-inf"))
         if "exclude" in batch:  # (B, H) items not to recommend (predict.exclude_history), 0 = pad
             scores = scores.scatter(1, batch["exclude"], float("-inf"))
         values, items = top_k_items(scores, self.hparams.predict_k if k is None else k)
@@ -373,8 +402,8 @@ class DiffusionRecommender(RecommenderModule):
         sampler: str | None = None,
         ensemble_size: int | None = None,
     ) -> torch.Tensor:
-        """(B, N) ranking scores; with an ensemble (None: ``ensemble_size``), the averaged
-        softmax distributions."""
+        """(B, N) ranking scores; with an ensemble (None: ``ensemble_size``), the log of the
+        averaged softmax distributions."""
         members = self.hparams.ensemble_size if ensemble_size is None else ensemble_size
         # Ranking in float32 whatever the autocast: bf16 scores would create spurious ties.
         with torch.autocast(self.device.type, enabled=False):
@@ -385,4 +414,8 @@ class DiffusionRecommender(RecommenderModule):
 
             if members == 1:
                 return scores(0)
-            return sum(torch.softmax(scores(m), dim=-1) for m in range(members)) / members
+            # Log of the averaged distributions: the same ranking, and log-probabilities that
+            # a transition prior can be added to.
+            return torch.log(
+                sum(torch.softmax(scores(m), dim=-1) for m in range(members)) / members
+            )

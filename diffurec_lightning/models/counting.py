@@ -18,34 +18,19 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from scipy import sparse
 
 from diffurec_lightning.data.datasets import PrefixDataset
 from diffurec_lightning.errors import ConfigError
 from diffurec_lightning.models.base import Batch, RecommenderModule, require
+from diffurec_lightning.models.transitions import (
+    csr_rows,
+    recent_transitions,
+    resize_buffers,
+    transition_counts,
+    transitions,
+)
 
 __all__ = ["MarkovRecommender", "PopularityRecommender", "csr_rows", "transitions"]
-
-
-def transitions(dataset: PrefixDataset) -> tuple[np.ndarray, np.ndarray]:
-    """(previous item, next item) pairs of the training prefixes: each prefix's most recent item
-    and its target, i.e. every consecutive pair of every training sequence, counted once."""
-    items = np.asarray(dataset.items)
-    return items[dataset.ends - 1].astype(np.int64), items[dataset.ends].astype(np.int64)
-
-
-def csr_rows(
-    crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, rows: torch.Tensor, width: int
-) -> torch.Tensor:
-    """Dense (B, width) float64 copy of the CSR matrix rows ``rows`` (B,)."""
-    start = crow[rows]
-    count = crow[rows + 1] - start  # (B,)
-    owner = torch.repeat_interleave(torch.arange(len(rows), device=rows.device), count)
-    first = torch.repeat_interleave(torch.cumsum(count, 0) - count, count)
-    index = start[owner] + torch.arange(len(owner), device=rows.device) - first
-    out = torch.zeros(len(rows), width, dtype=torch.float64, device=val.device)
-    out[owner, col[index]] = val[index].double()  # columns are unique within a CSR row
-    return out
 
 
 class PopularityRecommender(RecommenderModule):
@@ -102,11 +87,7 @@ class PopularityRecommender(RecommenderModule):
         return None  # the counts were fitted in setup("fit")
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        # The count buffers' sizes are the data's: take the checkpoint's shapes before copying.
-        for name in self._count_buffers:
-            saved = state_dict.get(prefix + name)
-            if saved is not None:
-                self._buffers[name] = torch.empty_like(saved, device=self.popularity.device)
+        resize_buffers(self, self._count_buffers, state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     # -- scoring -------------------------------------------------------------------------
@@ -166,17 +147,8 @@ class MarkovRecommender(PopularityRecommender):
 
     def fit_counts(self, dataset: PrefixDataset) -> None:
         super().fit_counts(dataset)
-        size = self.hparams.num_items + 1
-        source, target = transitions(dataset)
-        ones = np.ones(len(source), dtype=np.float64)
-        counts = sparse.csr_matrix((ones, (source, target)), shape=(size, size))
-        counts.sum_duplicates()
-        if self.hparams.normalize:
-            totals = np.asarray(counts.sum(axis=1)).ravel()
-            counts = (sparse.diags(1.0 / np.maximum(totals, 1.0)) @ counts).tocsr()
-        self.crow = torch.from_numpy(counts.indptr.astype(np.int64)).to(self.device)
-        self.col = torch.from_numpy(counts.indices.astype(np.int64)).to(self.device)
-        self.val = torch.from_numpy(counts.data.astype(np.float32)).to(self.device)
+        counts = transition_counts(dataset, self.hparams.num_items + 1, self.hparams.normalize)
+        self.crow, self.col, self.val = (part.to(self.device) for part in counts)
 
     def eval_scores(self, batch: Batch) -> torch.Tensor:
         self._require_fitted()
@@ -184,10 +156,6 @@ class MarkovRecommender(PopularityRecommender):
         popularity = self.popularity.double()
         scores = hp.backoff * (popularity / popularity.max().clamp(min=1.0)).expand(len(seq), -1)
         weights = (hp.last_weight, hp.second_last_weight)[: hp.order]
-        for back, weight in enumerate(weights, start=1):
-            if seq.shape[1] < back or weight == 0:
-                continue
-            rows = seq[:, -back]  # left-padded: the back-th most recent item; 0 = none (empty row)
-            counts = csr_rows(self.crow, self.col, self.val, rows, hp.num_items + 1)
-            scores = scores + weight * counts
+        counts = (self.crow, self.col, self.val)
+        scores = scores + recent_transitions(counts, seq, weights, hp.num_items + 1)
         return scores[:, 1:]

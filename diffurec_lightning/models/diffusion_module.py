@@ -42,6 +42,7 @@ class DiffusionRecModule(DiffusionRecommender):
         lambda_scale: float = 0.001,
         offset_noise_strength: float = 0.0,
         ensemble_size: int = 1,
+        transition_prior: float = 0.0,
         sampler: Node | None = None,
         val_sampler: Node | None = None,
         eval_seed: int = 0,
@@ -67,6 +68,7 @@ class DiffusionRecModule(DiffusionRecommender):
         )
         self.build_items()
         self.build_denoiser(net, diffusion, timestep_sampler)
+        self.build_prior()
 
     def uncertainty(self, z: torch.Tensor) -> torch.Tensor:
         """lambda = lambda_scale + lambda_scale * z from standard normal z: N(scale, scale)."""

@@ -49,6 +49,7 @@ class SequentialRecModule(RecommenderModule):
         position_embedding: bool = True,
         item_init: str = "small_normal",
         max_len: int = 50,
+        transition_prior: float = 0.0,
         optimizer: Node | None = None,
         scheduler: Node | None = None,
         ks: Sequence[int] = (5, 10, 20),
@@ -67,6 +68,7 @@ class SequentialRecModule(RecommenderModule):
         )
         self.build_items()
         self.net = self.build_net(net)
+        self.build_prior()
 
     @property
     def train_samples(self) -> str:
