@@ -101,7 +101,9 @@ def test_prior_weight_analysis_chooses_on_validation(
     assert result["chosen_weight"] == max(rows, key=lambda w: rows[w]["val"][ndcg])
     assert rows[0]["val"] != rows[1000]["val"]  # the weight changes the ranking
     assert json.loads((tmp_path / "prior_weight.json").read_text())["rows"] == result["rows"]
-    assert "Chosen on validation ndcg@10" in (tmp_path / "prior_weight.md").read_text()
+    text = (tmp_path / "prior_weight.md").read_text()
+    assert "Chosen on validation ndcg@10" in text
+    assert ("The largest weight tried" in text) == (result["chosen_weight"] == 1000)
 
 
 def test_bad_weights_fail_in_one_line(run_env: Path, tmp_path: Path) -> None:

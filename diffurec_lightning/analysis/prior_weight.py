@@ -117,6 +117,13 @@ def markdown(result: dict[str, Any], metric: str) -> str:
         f"validation and test users. Chosen on validation {metric}: **w = {best:g}**.",
         "",
     ]
+    weights = [row["weight"] for row in result["rows"]]
+    if len(weights) > 1 and best == max(weights):
+        lines[-1:] = [
+            "",
+            "(The largest weight tried: a larger one may score higher; add some.)",
+            "",
+        ]
     header = ["w", *(f"val {k}" for k in REPORTED), *(f"test {k}" for k in REPORTED)]
     lines += ["| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
     for row in result["rows"]:
