@@ -338,8 +338,8 @@ def test_ensemble_and_respaced_process_for_the_curves_tool() -> None:
     model = tiny_model(ensemble_size=2)
     batch = batch_of([[0, 3, 4]])
     with torch.no_grad():
-        probs = model.eval_scores(batch, steps=3)
-    torch.testing.assert_close(probs.sum(-1), torch.ones(1))
+        log_probs = model.eval_scores(batch, steps=3)  # an ensemble: log of the averaged softmax
+    torch.testing.assert_close(log_probs.exp().sum(-1), torch.ones(1))
 
 
 @pytest.mark.parametrize(
