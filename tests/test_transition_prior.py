@@ -7,13 +7,14 @@ validation by analysis/prior_weight.py.
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from diffurec_lightning.analysis import prior_weight
+from diffurec_lightning.analysis import checkpoints, prior_weight
 from diffurec_lightning.config import compose_config
 from diffurec_lightning.errors import ConfigError
 from diffurec_lightning.models.counting import MarkovRecommender
@@ -113,3 +114,24 @@ def test_bad_weights_fail_in_one_line(run_env: Path, tmp_path: Path) -> None:
         prior_weight.parse_weights("1,x")
     with pytest.raises(ConfigError, match="no results.json"):
         prior_weight.main(["--run", str(tmp_path)])
+
+
+def test_one_pass_over_the_weights_equals_the_model_with_each_weight(
+    hybrid_run: dict, run_env: Path
+) -> None:
+    """prior_weight scores every batch once and re-ranks it per weight; that must give what the
+    model itself ranks with model.transition_prior set to each weight (w = 0: no prior)."""
+    datamodule, model = checkpoints.load(Path(hybrid_run["best_checkpoint"]))
+    batches = list(itertools.islice(datamodule.val_dataloader(), 3))
+    prior = model.prior
+    weights = [0.0, 0.5, 4.0]
+    one_pass = prior_weight.evaluate(model, batches, prior, weights, "val/", None)
+    for weight, values in zip(weights, one_pass, strict=True):
+        model.prior = prior if weight > 0 else None
+        model.hparams.transition_prior = weight
+        model.val_metrics.reset()
+        with torch.inference_mode():
+            for batch in batches:
+                model.val_metrics.update(model.rank_batch(batch))
+        assert values == {k: float(v) for k, v in model.val_metrics.compute().items()}
+    assert one_pass[0] != one_pass[2]  # the weight changes the ranking

@@ -3,18 +3,17 @@
 
 ``python -m diffurec_lightning.analysis.prior_weight --run outputs/runs/<run> --weights 0,1,2,4``
 loads the run's selected checkpoint (results.json ``best_checkpoint``), counts the transitions of
-the training sequences once (as ``model=markov`` does), and for every weight evaluates all
-validation users (with the validation process training used) and all test users (with the
-configured process). It prints and writes ``prior_weight.{json,md}`` into ``--out`` (default:
-the run folder) and names the weight with the best validation metric (``--metric``); its test
-row is the one to report, never the best test row. The prior changes ranking only, so one
-trained checkpoint serves every weight (its checkpoint was selected without the prior unless
-the run trained with one).
+the training sequences once (as ``model=markov`` does), and evaluates all validation users (with
+the validation process training used) and all test users (with the configured process) once,
+ranking each batch's scores under every weight. It prints and writes ``prior_weight.{json,md}``
+into ``--out`` (default: the run folder) and names the weight with the best validation metric
+(``--metric``); its test row is the one to report, never the best test row. The prior changes
+ranking only, so one trained checkpoint serves every weight (its checkpoint was selected without
+the prior unless the run trained with one).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -22,8 +21,11 @@ from typing import Any
 
 import torch
 
+from diffurec_lightning.analysis.checkpoints import autocast_dtype, evaluating, load, write_outputs
+from diffurec_lightning.analysis.checkpoints import parser as checkpoint_parser
 from diffurec_lightning.errors import ConfigError
-from diffurec_lightning.io import write_json, write_text
+from diffurec_lightning.metrics import TopKMetrics
+from diffurec_lightning.models.base import item_ranks, with_prior
 from diffurec_lightning.models.transitions import TransitionPrior
 from diffurec_lightning.utils import task_wrapper
 
@@ -51,50 +53,55 @@ def selected_checkpoint(run: Path) -> Path:
     return Path(path)
 
 
-@torch.inference_mode()
-def evaluate(model: Any, loader: Any, metrics: Any, dtype: Any, **scoring: Any) -> dict:
-    metrics.reset()
-    with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+def evaluate(
+    model: Any,
+    loader: Any,
+    prior: TransitionPrior,
+    weights: list[float],
+    prefix: str,
+    dtype: torch.dtype | None,
+    **scoring: Any,
+) -> list[dict[str, float]]:
+    """Metrics of every weight from one pass over ``loader``: the model scores each batch once
+    (the reverse process is what costs) and each weight only re-ranks those scores; w = 0 ranks
+    the model's own scores, exactly as it evaluates without a prior."""
+    metrics = [TopKMetrics(ks=model.hparams.ks, prefix=prefix) for _ in weights]
+    with evaluating(dtype):
         for batch in loader:
-            metrics.update(model.rank_batch(batch, **scoring))
-    values = {key: float(value) for key, value in metrics.compute().items()}
-    metrics.reset()
-    return values
+            scores = model.eval_scores(batch, **scoring)
+            counts = prior(batch["seq"])
+            for weight, metric in zip(weights, metrics, strict=True):
+                ranked = scores if weight == 0 else with_prior(scores, counts, weight)
+                metric.update(item_ranks(ranked, batch["target"]))
+    return [{key: float(value) for key, value in m.compute().items()} for m in metrics]
 
 
 def measure(run: Path, weights: list[float], precision: str) -> dict[str, Any]:
-    from diffurec_lightning.config import compose_config
-    from diffurec_lightning.eval import setup
-    from diffurec_lightning.precision import resolve_precision
-
-    chosen = resolve_precision(precision, "cpu")
-    dtype = torch.bfloat16 if chosen.startswith("bf16") else None
+    chosen, dtype = autocast_dtype(precision)
     checkpoint = selected_checkpoint(run)
-    cfg = compose_config([f"ckpt_path={checkpoint}", "logger=csv"], config_name="eval")
-    _, datamodule, model = setup(cfg)
-    datamodule.setup("fit")
+    datamodule, model = load(checkpoint)
     if "transition_prior" not in model.hparams:
         raise ConfigError(f"model={model.hparams.get('name')} takes no transition prior")
     prior = TransitionPrior(model.hparams.num_items)
     prior.fit(datamodule.dataset("train"))  # training sequences only
-    rows = []
-    for weight in weights:
-        model.hparams.transition_prior = weight
-        model.prior = prior if weight > 0 else None
-        val = evaluate(
-            model,
-            datamodule.val_dataloader(),
-            model.val_metrics,
-            dtype,
-            **model.validation_sampling(),
-        )
-        test = evaluate(model, datamodule.test_dataloader(), model.test_metrics, dtype)
-        rows.append({"weight": weight, "val": val, "test": test})
+    model.prior = None  # eval_scores is the model alone; the weights are added here
+    val = evaluate(
+        model,
+        datamodule.val_dataloader(),
+        prior,
+        weights,
+        "val/",
+        dtype,
+        **model.validation_sampling(),
+    )
+    test = evaluate(model, datamodule.test_dataloader(), prior, weights, "test/", dtype)
+    rows = [{"weight": w, "val": v, "test": t} for w, v, t in zip(weights, val, test, strict=True)]
+    for row in rows:
         print(
-            f"w={weight:g}  val "
-            + " ".join(f"{k} {val['val/' + k]:.4f}" for k in REPORTED[:2])
+            f"w={row['weight']:g}  val "
+            + " ".join(f"{k} {row['val']['val/' + k]:.4f}" for k in REPORTED[:2])
             + "  test "
-            + " ".join(f"{k} {test['test/' + k]:.4f}" for k in REPORTED[:2]),
+            + " ".join(f"{k} {row['test']['test/' + k]:.4f}" for k in REPORTED[:2]),
             flush=True,
         )
     return {"run": str(run), "checkpoint": str(checkpoint), "precision": chosen, "rows": rows}
@@ -136,21 +143,14 @@ def markdown(result: dict[str, Any], metric: str) -> str:
 
 
 def main(argv: list[str]) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", required=True, help="finished run folder (with results.json)")
+    parser = checkpoint_parser(__doc__, "finished run folder (with results.json)")
     parser.add_argument("--weights", default="0,0.5,1,2,4,8", help="comma-separated w >= 0")
     parser.add_argument("--metric", default="ndcg@10", help="validation metric that chooses w")
-    parser.add_argument("--precision", default="auto", help="auto | 32-true | bf16-mixed")
-    parser.add_argument("--out", default=None, help="output folder (default: the run folder)")
     args = parser.parse_args(argv)
     run = Path(args.run)
     result = measure(run, parse_weights(args.weights), args.precision)
     result["chosen_weight"] = choose(result, args.metric)["weight"]
-    out = Path(args.out) if args.out else run
-    write_json(out / "prior_weight.json", result)
-    text = markdown(result, args.metric)
-    write_text(out / "prior_weight.md", text)
-    print(text)
+    write_outputs(Path(args.out or run), "prior_weight", result, markdown(result, args.metric))
     return result
 
 

@@ -13,7 +13,6 @@ A cheap setting that ranks checkpoints as the reference does can drive model sel
 
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 import time
@@ -21,11 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from diffurec_lightning.analysis import plots
+from diffurec_lightning.analysis.checkpoints import autocast_dtype, evaluating, load, write_outputs
+from diffurec_lightning.analysis.checkpoints import parser as checkpoint_parser
 from diffurec_lightning.errors import ConfigError
-from diffurec_lightning.io import write_json, write_text
 from diffurec_lightning.utils import task_wrapper
 
 METRICS = ("val/hr@10", "val/ndcg@10")
@@ -66,11 +65,10 @@ def spearman(a: list[float], b: list[float]) -> float:
     return float(spearmanr(a, b).statistic)
 
 
-@torch.inference_mode()
 def validate(model: Any, datamodule: Any, sampler: str, steps: int, dtype: Any) -> dict:
     """All validation users through the shared ranking path under one (sampler, steps)."""
     model.val_metrics.reset()
-    with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+    with evaluating(dtype):
         for batch in datamodule.val_dataloader():
             model.val_metrics.update(model.rank_batch(batch, steps=steps, sampler=sampler))
     values = {key: float(value) for key, value in model.val_metrics.compute().items()}
@@ -81,19 +79,12 @@ def validate(model: Any, datamodule: Any, sampler: str, steps: int, dtype: Any) 
 def measure(
     run: Path, settings: list[tuple[str, int]], precision: str, every: int = 1
 ) -> dict[str, Any]:
-    from diffurec_lightning.config import compose_config
-    from diffurec_lightning.eval import setup
-    from diffurec_lightning.precision import resolve_precision
-
-    chosen = resolve_precision(precision, "cpu")
-    dtype = torch.bfloat16 if chosen.startswith("bf16") else None
+    chosen, dtype = autocast_dtype(precision)
     rows = []
     for epoch, path in checkpoints(run):
         if epoch % every:
             continue
-        cfg = compose_config([f"ckpt_path={path}", "logger=csv"], config_name="eval")
-        _, datamodule, model = setup(cfg)
-        datamodule.setup("fit")
+        datamodule, model = load(path)
         row: dict[str, Any] = {"epoch": epoch, "checkpoint": str(path)}
         for sampler, steps in settings:
             started = time.perf_counter()
@@ -164,23 +155,17 @@ def figure(result: dict[str, Any], path: Path, title: str) -> Path:
 
 
 def main(argv: list[str]) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", required=True, help="run folder with checkpoints/epoch*.ckpt")
+    parser = checkpoint_parser(__doc__, "run folder with checkpoints/epoch*.ckpt")
     parser.add_argument("--settings", default=DEFAULT_SETTINGS, help="sampler:steps,... ")
-    parser.add_argument("--precision", default="auto", help="auto | 32-true | bf16-mixed")
     parser.add_argument("--every", type=int, default=1, help="only epochs divisible by this")
-    parser.add_argument("--out", default=None, help="output folder (default: the run folder)")
     args = parser.parse_args(argv)
     run = Path(args.run)
     result = measure(run, parse_settings(args.settings), args.precision, args.every)
     result["agreement"] = agreement(result)
-    out = Path(args.out) if args.out else run
+    out = Path(args.out or run)
     title = f"validation budget: {run.name}"
-    write_json(out / "val_budget.json", result)
-    text = markdown(result, title)
-    write_text(out / "val_budget.md", text)
     figure(result, out / "val_budget.png", title)
-    print(text)
+    write_outputs(out, "val_budget", result, markdown(result, title))
     return result
 
 

@@ -49,6 +49,18 @@ _ENSEMBLE_SEED_STRIDE = 1_000_003
 TIMESTEP_STATE = "timestep_sampler_state"
 
 
+def with_prior(scores: torch.Tensor, prior: torch.Tensor, weight: float) -> torch.Tensor:
+    """The hybrid's ranking score of items 1..N: log p(j), the log-softmax of a model's (B, N)
+    scores, plus ``weight`` times the transition prior's (B, N) log(1 + counts)."""
+    return torch.log_softmax(scores.float(), dim=-1) + weight * prior
+
+
+def item_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """1-based rank (B,) of each target among the real items, from (B, N) scores of items 1..N
+    (the padding id 0 gets -inf, so it is never ranked)."""
+    return target_ranks(F.pad(scores, (1, 0), value=float("-inf")), targets)
+
+
 def require(condition: bool, message: str) -> None:
     """Raise a one-line ConfigError unless ``condition`` holds."""
     if not condition:
@@ -225,13 +237,11 @@ class RecommenderModule(L.LightningModule):
         prior = getattr(self, "prior", None)
         if prior is None:
             return scores
-        weight = self.hparams.transition_prior
-        return torch.log_softmax(scores.float(), dim=-1) + weight * prior(batch["seq"])
+        return with_prior(scores, prior(batch["seq"]), self.hparams.transition_prior)
 
     def rank_batch(self, batch: Batch, **scoring: Any) -> torch.Tensor:
         """1-based rank of each user's target among all items (padding never ranked)."""
-        scores = self.ranking_scores(batch, **scoring)
-        return target_ranks(F.pad(scores, (1, 0), value=float("-inf")), batch["target"])
+        return item_ranks(self.ranking_scores(batch, **scoring), batch["target"])
 
     def validation_sampling(self) -> dict[str, Any]:
         """Keyword arguments of ``eval_scores`` at validation (a cheaper variant; {} = as test)."""
