@@ -439,3 +439,24 @@ def test_compiled_approximator_matches_eager(variant: str, data: SequenceDataMod
                 )
     finally:
         functional.set_custom_kernels(True)
+
+
+def test_lean_cross_entropy_equals_pytorchs() -> None:
+    """Loss and gradient of F.cross_entropy, on rows near one-hot and on a target so far below
+    the top score that its probability underflows (the loss takes the logsumexp form there)."""
+    torch.manual_seed(0)
+    scores = torch.randn(6, 50) * 3
+    scores[1, 7] += 40.0  # near one-hot, target elsewhere
+    scores[2, 3] += 200.0  # the target's probability underflows in float32
+    scores.requires_grad_(True)
+    target = torch.tensor([0, 1, 4, 49, 7, 3])
+    weights = torch.rand(6)
+    lean = functional._CrossEntropy.apply(scores, target)
+    plain = F.cross_entropy(scores, target, reduction="none")
+    assert torch.isfinite(lean).all()
+    torch.testing.assert_close(lean, plain)
+    grads = [torch.autograd.grad((o * weights).sum(), scores)[0] for o in (lean, plain)]
+    torch.testing.assert_close(*grads)
+    x = _double(3, 7)
+    cross_entropy = functional._CrossEntropy.apply
+    assert torch.autograd.gradcheck(lambda x: cross_entropy(x, torch.tensor([0, 6, 2])), (x,))

@@ -22,6 +22,7 @@ from diffurec_lightning.models.base import (
     Node,
     require,
 )
+from diffurec_lightning.models.functional import cross_entropy
 
 
 def diffusion_sequences(seq: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,7 +75,7 @@ def dcrec_loss_terms(
     mask = seq_mask.float() if prior_positions == "real" else torch.ones_like(per_position)
     prior = (per_position * mask).sum() / mask.sum()
     mse = F.mse_loss(x_start_pred[:, -1].float(), x_start[:, -1].float())
-    ce = F.cross_entropy(scores.float(), target - 1)
+    ce = cross_entropy(scores.float(), target - 1).mean()
     return {"prior": prior, "mse": mse, "ce": ce}
 
 

@@ -163,23 +163,33 @@ def gelu_dropout_linear(
 
 
 class _CrossEntropy(torch.autograd.Function):
-    """Per-row cross-entropy of float32 scores, with a backward that skips what F.cross_entropy
-    spends on a zero-filled (B, N) gradient and a general log-softmax backward: d loss / d scores
-    = (softmax - onehot) * grad, from the saved log-probabilities."""
+    """Per-row cross-entropy of float32 scores that exponentiates the (B, N) scores once: forward
+    keeps the softmax p for backward, d loss / d scores = (p - onehot) * grad, where
+    F.cross_entropy's log-softmax backward exponentiates all B x N log-probabilities again (and
+    fills a zero (B, N) gradient of the gather first). The loss is -log p[target], except on
+    rows where p[target] underflows, which take the exact logsumexp form."""
 
     @staticmethod
     def forward(ctx, scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        log_probs = torch.log_softmax(scores, dim=-1)  # (B, N)
-        ctx.save_for_backward(log_probs, target)
-        return -log_probs.gather(1, target[:, None]).squeeze(1)  # (B,)
+        probs = torch.softmax(scores, dim=-1)  # (B, N)
+        target_probs = probs.gather(1, target[:, None]).squeeze(1)
+        losses = -torch.log(target_probs)
+        far = (target_probs < _SMALLEST_PROB).nonzero().squeeze(1)  # rare: 70+ nats below the top
+        if len(far):
+            losses[far] = torch.logsumexp(scores[far], dim=-1) - scores[far, target[far]]
+        ctx.save_for_backward(probs, target)
+        return losses
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        log_probs, target = ctx.saved_tensors
-        grad_scores = torch.exp(log_probs).mul_(grad[:, None])  # (B, N)
+        probs, target = ctx.saved_tensors
+        grad_scores = probs * grad[:, None]  # (B, N)
         rows = torch.arange(len(target), device=target.device)
         grad_scores[rows, target] -= grad
         return grad_scores, None
+
+
+_SMALLEST_PROB = 1e-30  # far above float32's smallest normal (1.2e-38): -log p is exact above it
 
 
 def cross_entropy(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

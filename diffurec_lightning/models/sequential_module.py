@@ -18,7 +18,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from diffurec_lightning.errors import ConfigError
 from diffurec_lightning.models.base import (
@@ -88,7 +87,7 @@ class SequentialRecModule(RecommenderModule):
             )
         if self.hparams.objective == "last_position":
             scores = self.items.scores(self.represent(seq))  # (B, N)
-            loss = F.cross_entropy(scores.float(), target - 1)
+            loss = cross_entropy(scores.float(), target - 1).mean()
             size = len(target)
         else:
             states = self.net(self.items(seq), seq > 0, all_positions=True)  # (B, L, d)
