@@ -17,7 +17,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from diffurec_lightning.analysis.test_curve import TestEveryValidation
+from diffurec_lightning.analysis.test_curve import TestEveryValidation, plot_history
 from diffurec_lightning.checkpoints import check_checkpoint
 from diffurec_lightning.config import CONF_DIR
 from diffurec_lightning.errors import ConfigError, DiffuRecError
@@ -191,6 +191,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         # results.json first: it is the run's record, the artifact upload only a copy.
         write_json(Path(cfg.paths.output_dir) / "results.json", results)
+        if results.get("history"):
+            title = f"{cfg.model.name} on {cfg.data.name}: learning curve"
+            plot_history(
+                results["history"], Path(cfg.paths.output_dir) / "learning_curve.png", title
+            )
         log_best_checkpoint(trainer, best_path)
         log_selected_validation(trainer, tested)
         if test_metrics:

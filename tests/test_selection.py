@@ -68,3 +68,18 @@ def test_results_hold_validation_and_test_of_the_tested_checkpoint(run_env: Path
     # The test pass at that epoch is the final test of its checkpoint.
     assert best["curve_test/hr@10"] == pytest.approx(curve["test"]["test/hr@10"])
     assert best["curve_test/ndcg@10"] == pytest.approx(curve["test"]["test/ndcg@10"])
+    # ... and comes as a picture too (validation and test against the epoch).
+    assert (run_env / "curve" / "learning_curve.png").stat().st_size > 10_000
+    assert not (run_env / "plain" / "learning_curve.png").exists()
+
+
+def test_the_curve_keeps_every_validation_when_an_early_checkpoint_is_tested(
+    run_env: Path,
+) -> None:
+    """Testing the best checkpoint restores its callback state; the curve must still hold the
+    validations after it (lr 0: every validation ties, so the first checkpoint is tested)."""
+    curve = run(
+        run_env / "flat", "callbacks.test_every_validation.enabled=true", "model.optimizer.lr=0"
+    )
+    assert curve["val_best_epoch"] == 0
+    assert [h["epoch"] for h in curve["history"]] == [0, 1, 2]

@@ -54,15 +54,19 @@ def grouped_bar_chart(panels: Sequence[BarPanel], path: str | Path, title: str =
     return save_figure(fig, path)
 
 
-def line_chart(panels: Sequence[CurvePanel], path: str | Path, title: str = "") -> Path:
-    """Side-by-side panels of metric curves against a numeric x (log2 axis: 1, 2, 4, ...)."""
+def line_chart(
+    panels: Sequence[CurvePanel], path: str | Path, title: str = "", log_x: bool = True
+) -> Path:
+    """Side-by-side panels of metric curves against a numeric x (``log_x``: a log2 axis, for
+    1, 2, 4, ... steps; otherwise linear, for epochs)."""
     fig = Figure(figsize=WIDE)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (panel_title, xlabel, x, series) in zip(axes, panels, strict=True):
         for label, values in series.items():
             ax.plot(list(x), list(values), marker="o", label=label)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(list(x), [str(v) for v in x])
+        if log_x:
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(list(x), [str(v) for v in x])
         ax.set_xlabel(xlabel)
         ax.set_title(panel_title, fontsize=10)
         ax.grid(alpha=0.3)

@@ -9,14 +9,17 @@ without this callback (the random state the training uses is restored after the 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 
+from diffurec_lightning.analysis import plots
 from diffurec_lightning.metrics import TopKMetrics
 
 PREFIX = "curve_test/"
+CURVE_METRICS = ("hr@10", "ndcg@10")
 
 
 class TestEveryValidation(L.Callback):
@@ -25,6 +28,11 @@ class TestEveryValidation(L.Callback):
     def __init__(self, enabled: bool = False) -> None:
         self.enabled = enabled
         self.history: list[dict[str, Any]] = []
+        self._fitting = False
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Lightning calls setup before it restores a checkpoint's callback state.
+        self._fitting = stage == "fit"
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.enabled or trainer.sanity_checking:
@@ -61,4 +69,26 @@ class TestEveryValidation(L.Callback):
         return {"history": list(self.history)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.history = list(state_dict.get("history", []))
+        # Only a resumed fit continues the curve: testing the best checkpoint restores callback
+        # state too, and must not cut the curve back to that checkpoint's epoch.
+        if self._fitting:
+            self.history = list(state_dict.get("history", []))
+
+
+def plot_history(history: list[dict[str, Any]], path: Path, title: str) -> Path:
+    """``path`` (PNG): validation and test HR@10 and NDCG@10 against the epoch (1-based), one
+    panel per metric, from ``TestEveryValidation.history``."""
+    epochs = [row["epoch"] + 1 for row in history]
+    panels = [
+        (
+            metric.upper(),
+            "epoch",
+            epochs,
+            {
+                split: [row.get(f"{prefix}{metric}", float("nan")) for row in history]
+                for split, prefix in (("validation", "val/"), ("test", PREFIX))
+            },
+        )
+        for metric in CURVE_METRICS
+    ]
+    return plots.line_chart(panels, path, title=title, log_x=False)

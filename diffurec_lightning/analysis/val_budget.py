@@ -151,7 +151,7 @@ def figure(result: dict[str, Any], path: Path, title: str) -> Path:
     for metric in METRICS:
         series = {s: [row[s][metric] for row in result["rows"]] for s in result["settings"]}
         panels.append((f"{metric} per checkpoint", "epoch", epochs, series))
-    return plots.line_chart(panels, path, title=title)
+    return plots.line_chart(panels, path, title=title, log_x=False)
 
 
 def main(argv: list[str]) -> dict[str, Any]:
