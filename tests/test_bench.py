@@ -103,3 +103,12 @@ def test_time_to_accuracy_bench_rejects_unknown_options() -> None:
         TTAOptions.parse(["tta.evry=2"])
     with pytest.raises(ConfigError, match="tta.every=x: expected a int"):
         TTAOptions.parse(["tta.every=x"])
+
+
+def test_loss_bench_times_both_losses(capsys: pytest.CaptureFixture) -> None:
+    from diffurec_lightning import bench_loss
+
+    result = bench_loss.main(["--batch", "8", "--items", "50", "--rounds", "1", "--steps", "1"])
+    assert set(result["ms_per_step"]) == {"F.cross_entropy", "lean cross_entropy"}
+    assert all(ms > 0 for ms in result["ms_per_step"].values())
+    assert "machine:" in capsys.readouterr().out
