@@ -38,7 +38,6 @@ import copy
 import json
 import os
 import random
-import subprocess
 import sys
 import time
 import warnings
@@ -233,11 +232,13 @@ def build_args(
 # -- data -----------------------------------------------------------------------------------------
 def expected_sha256(dataset: str) -> str:
     """The SHA-256 our benchmark registry records for ``dataset``."""
-    from diffurec_lightning.data.benchmarks import BENCHMARKS
+    from diffurec_lightning.data.benchmarks import get_benchmark
+    from diffurec_lightning.errors import DataError
 
-    if dataset not in BENCHMARKS:
-        raise SystemExit(f"--dataset {dataset}: not in the registry ({', '.join(BENCHMARKS)})")
-    return BENCHMARKS[dataset].sha256
+    try:
+        return get_benchmark(dataset).sha256
+    except DataError as exc:
+        raise SystemExit(f"--dataset {dataset}: {exc}") from None
 
 
 def default_data(dataset: str) -> Path:
@@ -257,41 +258,30 @@ def default_data(dataset: str) -> Path:
 
 def load_data(path: str | Path, dataset: str) -> tuple[dict[str, Any], str]:
     """The reference-format dict in ``path`` and its sha256, if it has the registry's sha256."""
-    import hashlib
-    import pickle
+    from diffurec_lightning.data.safe_pickle import safe_load
+    from diffurec_lightning.errors import DataError
+    from diffurec_lightning.io import sha256_file
 
     expected = expected_sha256(dataset)
     try:
-        raw = Path(path).read_bytes()
+        digest = sha256_file(Path(path))
     except OSError as exc:
         raise SystemExit(f"--data {path}: cannot read it ({exc.strerror})") from None
-    digest = hashlib.sha256(raw).hexdigest()
     if digest != expected:
         raise SystemExit(
             f"--data {path}: sha256 {digest[:12]}… is not the {dataset} file's "
             f"({expected[:12]}…); not unpickling it"
         )
-    # Plain pickle, as the reference's main.py loads it, only because the bytes hashed above (the
-    # same bytes, not a second read of the file) are the published file our registry records.
-    data = pickle.loads(raw)
+    try:  # the project's plain-data unpickler, as `data=<dataset>` reads the same file
+        data = safe_load(path)
+    except DataError as exc:
+        raise SystemExit(str(exc)) from None
     if not isinstance(data, dict) or "smap" not in data:
         raise SystemExit(f"--data {path}: not a DiffuRec-format dict")
     return data, digest
 
 
 # -- measurement ----------------------------------------------------------------------------------
-def lscpu_model() -> str:
-    """The CPU model name lscpu reports, or '?'."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    except OSError:
-        return "?"
-    for line in out.splitlines():
-        if line.lower().startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "?"
-
-
 class Phase:
     """Wall and process-CPU seconds of a timed block."""
 
@@ -337,6 +327,7 @@ def run(cli: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from diffurec_lightning.bench import matmul_peak  # the probe our bench divides by
+    from diffurec_lightning.bench_report import machine
 
     warnings.filterwarnings("ignore", message=".*pin_memory.*")
     torch.set_num_threads(cli.threads)
@@ -354,7 +345,7 @@ def run(cli: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {
         "impl": cli.impl,
         "src": str(src),
-        "cpu_model": lscpu_model(),
+        "machine": machine(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "numpy": np.__version__,
@@ -456,10 +447,12 @@ def run(cli: argparse.Namespace) -> dict[str, Any]:
 
 def report(r: dict[str, Any]) -> None:
     """Print the figures of :func:`run`."""
+    from diffurec_lightning.bench_report import machine_line
+
     t, e, a = r["train"], r["eval"], r["args"]
     print(
-        f"== reference {r['impl']}  cpu: {r['cpu_model']}  threads: {r['threads']}  "
-        f"torch {r['torch']}  numpy {r['numpy']}"
+        f"== reference {r['impl']}  {machine_line(r['machine'])}  threads: {r['threads']}  "
+        f"numpy {r['numpy']}"
     )
     print(
         f"   data sha256 {r['data_sha256'][:16]}...  items {r['item_num']}  "
